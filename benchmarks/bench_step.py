@@ -1,0 +1,293 @@
+"""One RILS training step, timed: attention backend x reconstruction-loss backend x model.
+
+    # on a GPU (bf16 autocast, TP = 1, activation checkpointing, B/16 + L/16 + H/14):
+    python benchmarks/bench_step.py --out runs/bench_step.json
+    # CPU smoke test:
+    python benchmarks/bench_step.py --model tiny --device cpu --steps 3
+
+Plain PyTorch (model + loss + AdamW; no DeepSpeed): the step a single GPU runs. The loss is
+the trainer's (rils_scale.objectives) without the distributed parts: CLIP contrastive with
+the model's logit scale + 0.5 x mean patch-sentence KL over every masked row (retrieval filter
+off, so the KL cost is the worst case). ``--prototypes G`` pads the sentence prototypes (and
+the contrastive columns) with detached random unit vectors to G columns, standing in for the
+features other data-parallel ranks contribute, so the KL runs at a realistic global batch.
+
+Reported per configuration: median step time, samples/s, model TFLOP/s from
+rils_scale.train.flops (``total``: forward + backward, recompute not counted), MFU against the
+device's dense bf16 peak (rils_scale.train.hardware), and peak memory (CUDA
+max_memory_allocated; CPU: peak RSS). Each configuration runs in try/except: an out-of-memory
+becomes an "OOM" row, any other failure an "error" row, and the table is always printed.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import statistics
+import sys
+import time
+import traceback
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from rils_scale.models import ParallelSpec, build_model, get_config  # noqa: E402
+from rils_scale.models.attention import HAS_FLASH_ATTN  # noqa: E402
+from rils_scale.ops import patch_sentence_kl  # noqa: E402
+from rils_scale.train import hardware  # noqa: E402
+from rils_scale.train.flops import masked_patches, rils_step_flops  # noqa: E402
+
+DEFAULT_MICRO_BATCH = {"tiny": 8, "small": 64, "vit_b16": 256, "vit_l16": 128, "vit_h14": 64, "vit_g14": 32}
+STUDENT_TEMP, TEACHER_TEMP, RECON_WEIGHT = 0.1, 0.04, 0.5
+
+
+def rils_loss(out, n_masked: int, prototypes: int, kl_backend: str):
+    """Contrastive (both directions) + 0.5 x mean KL over masked rows (all rows kept)."""
+    img, txt, scale = out["image_features"], out["text_features"], out["logit_scale"]
+    b, _, e = out["student_patches"].shape
+    extra = prototypes - b
+    cols = txt
+    if extra > 0:  # other ranks' captions: fixed random unit vectors, no gradient
+        g = torch.Generator(device="cpu").manual_seed(0)
+        pad = F.normalize(torch.randn(extra, e, generator=g), dim=-1).to(txt.device, txt.dtype)
+        cols = torch.cat([txt, pad])
+        img_cols = torch.cat([img, pad.to(img.dtype)])
+    else:
+        img_cols = img
+    labels = torch.arange(b, device=img.device)
+    clip = 0.5 * (F.cross_entropy((scale * img @ cols.T).float(), labels)
+                  + F.cross_entropy((scale * txt @ img_cols.T).float(), labels))
+    # every sample has exactly n_masked masked positions: gather them without a host sync
+    idx = out["mask"].argsort(dim=1, descending=True, stable=True)[:, :n_masked]
+    idx = idx.unsqueeze(-1).expand(-1, -1, e)
+    student = torch.gather(out["student_patches"], 1, idx).reshape(-1, e)
+    teacher = torch.gather(out["teacher_patches"], 1, idx).reshape(-1, e)
+    kl = patch_sentence_kl(student, teacher, cols.detach(), student_temp=STUDENT_TEMP,
+                           teacher_temp=TEACHER_TEMP, backend=kl_backend)
+    return clip + RECON_WEIGHT * kl.float().mean()
+
+
+def _is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def _free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def run_config(model_name: str, attn: str, kl: str, args, device: torch.device) -> dict:
+    b = args.micro_batch or DEFAULT_MICRO_BATCH.get(model_name, 32)
+    g = max(args.prototypes or b, b)
+    row = {"model": model_name, "attention": attn, "kl": kl, "micro_batch": b, "prototypes": g,
+           "checkpointing": not args.no_checkpointing, "dtype": args.dtype}
+    model = opt = None
+    try:
+        cfg = get_config(model_name)
+        flops = rils_step_flops(cfg, b, g, activation_checkpointing=not args.no_checkpointing,
+                                recon_backend="reference" if kl == "reference" else "streaming")
+        row["model_tflop_per_step"] = flops["total"] / 1e12
+        torch.manual_seed(0)
+        spec = ParallelSpec(activation_checkpointing=not args.no_checkpointing)
+        model = build_model(cfg, spec, attn_backend=attn).to(device)
+        model.train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05,
+                                fused=device.type == "cuda")
+        images = torch.randn(b, 3, cfg.vision.image_size, cfg.vision.image_size, device=device)
+        tokens = torch.randint(1, cfg.text.vocab_size, (b, cfg.text.context_length), device=device)
+        n_masked = masked_patches(cfg)
+        amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.dtype)
+
+        def step():
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                loss = rils_loss(model(images, tokens), n_masked, g, kl)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return loss
+
+        for _ in range(args.warmup):
+            loss = step()
+        if not torch.isfinite(loss.detach()).item():
+            raise FloatingPointError(f"non-finite loss {loss.item()}")
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            hardware.reset_peak_memory("cpu")
+        times = []
+        for _ in range(args.steps):
+            if device.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                step()
+                end.record()
+                torch.cuda.synchronize()
+                times.append(start.elapsed_time(end) / 1e3)
+            else:
+                t0 = time.perf_counter()
+                step()
+                times.append(time.perf_counter() - t0)
+        step_s = statistics.median(times)
+        peak_mem = (torch.cuda.max_memory_allocated() if device.type == "cuda"
+                    else hardware.rss_high_water_bytes())
+        meter = hardware.ThroughputMeter(flops["total"], b, args.peak_tflops)
+        m = meter.metrics(step_s)
+        row.update(status="ok", step_s=step_s, samples_per_s=m["samples_per_s"],
+                   tflops=m["tflops_per_device"], mfu=m["mfu"], peak_mem_gb=peak_mem / 2 ** 30,
+                   loss=float(loss.detach()))
+        if args.profile and not getattr(args, "_profiled", False):
+            args._profiled = True
+            row["profile"] = profile_step(step, device, args.profile_rows)
+    except Exception as exc:  # noqa: BLE001 - a failed row must not stop the table
+        if _is_oom(exc):
+            row.update(status="OOM")
+        else:
+            row.update(status="error", error=f"{type(exc).__name__}: {exc}".splitlines()[0][:200])
+            if args.verbose:
+                traceback.print_exc()
+    finally:
+        del model, opt
+        _free(device)
+    return row
+
+
+def profile_step(step, device: torch.device, rows: int) -> str:
+    from torch.profiler import ProfilerActivity, profile
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=key, row_limit=rows)
+    print(table)
+    return table
+
+
+def _fmt(x, spec):
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+
+def markdown_table(rows) -> str:
+    head = ("| model | attention | KL | B | G | step s | samples/s | TFLOP/s | MFU | peak mem GiB |\n"
+            "|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    lines = [head]
+    for r in rows:
+        if r.get("status") != "ok":
+            status = r.get("status", "?") + (f" ({r['error']})" if r.get("error") else "")
+            lines.append(f"| {r['model']} | {r['attention']} | {r['kl']} | {r['micro_batch']} | {r['prototypes']} "
+                         f"| {status} | | | | |")
+            continue
+        mfu = None if r["mfu"] is None else 100 * r["mfu"]
+        lines.append(f"| {r['model']} | {r['attention']} | {r['kl']} | {r['micro_batch']} | {r['prototypes']} "
+                     f"| {r['step_s']:.4f} | {r['samples_per_s']:.1f} | {r['tflops']:.3f} | "
+                     f"{_fmt(mfu, '.1f')}{'%' if mfu is not None else ''} | {r['peak_mem_gb']:.2f} |")
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
+    on_gpu = torch.cuda.is_available()
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="vit_b16,vit_l16,vit_h14" if on_gpu else "tiny",
+                   help="comma-separated presets")
+    p.add_argument("--device", default="cuda" if on_gpu else "cpu")
+    p.add_argument("--dtype", default=None, choices=("bf16", "fp16", "fp32"),
+                   help="autocast dtype (default: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--micro-batch", type=int, default=0,
+                   help=f"samples per step (0: per-model default {DEFAULT_MICRO_BATCH})")
+    p.add_argument("--prototypes", type=int, default=0,
+                   help="sentence prototypes G of the KL and contrastive columns (0: the micro-batch)")
+    p.add_argument("--attn", default="flash,math",
+                   help="attention backends: flash (flash_attn package if installed, else SDPA, "
+                        "which dispatches to FlashAttention-2 kernels), sdpa, flash_attn, math")
+    p.add_argument("--kl", default="fused,reference",
+                   help="KL backends: fused (the CUDA extension if it loads, else streaming), streaming, "
+                        "cuda, auto, reference")
+    p.add_argument("--no-checkpointing", action="store_true", help="store activations instead of recomputing")
+    p.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: 3 on GPU, 1 on CPU)")
+    p.add_argument("--threads", type=int, default=0, help="CPU intra-op threads (0: torch's default)")
+    p.add_argument("--peak-tflops", type=float, default=None, help="dense peak for MFU (default: device table)")
+    p.add_argument("--profile", action="store_true", help="profile one step of the first configuration")
+    p.add_argument("--profile-rows", type=int, default=20)
+    p.add_argument("--out", default="", help="write JSON here and a markdown table beside it (.md)")
+    p.add_argument("--verbose", action="store_true", help="print tracebacks of failed rows")
+    args = p.parse_args(argv)
+    if args.dtype is None:
+        args.dtype = "bf16" if args.device.startswith("cuda") else "fp32"
+    if args.warmup is None:
+        args.warmup = 3 if args.device.startswith("cuda") else 1
+    return args
+
+
+def resolve_attn(name: str, device: torch.device) -> str:
+    if name == "flash":
+        return "flash_attn" if (HAS_FLASH_ATTN and device.type == "cuda") else "sdpa"
+    return name
+
+
+def resolve_kl(name: str, device: torch.device) -> str:
+    """"fused": the CUDA extension where it loads and passes its self-check, else streaming."""
+    if name != "fused":
+        return name
+    if device.type != "cuda":
+        return "streaming"
+    try:
+        from rils_scale.ops.patch_sentence_kl import cuda_backend_status
+        ok, reason = cuda_backend_status(device)
+    except Exception as exc:  # noqa: BLE001 - report, fall back
+        ok, reason = False, str(exc)
+    if not ok:
+        print(f"fused KL: CUDA extension unusable ({reason}); using streaming", flush=True)
+    return "cuda" if ok else "streaming"
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            print("error: --device cuda but no GPU is visible", file=sys.stderr)
+            return 2
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    name = hardware.device_name(device)
+    if args.peak_tflops is None:
+        args.peak_tflops = hardware.peak_tflops(name, "bf16" if args.dtype in ("bf16", "fp16") else "fp32")
+    print(f"device: {name}; peak {args.peak_tflops or '-'} TFLOP/s ({args.dtype}); torch {torch.__version__}; "
+          f"flash_attn package: {HAS_FLASH_ATTN}", flush=True)
+    rows = []
+    for model_name in [m for m in args.model.split(",") if m]:
+        for attn in [a for a in args.attn.split(",") if a]:
+            for kl in [k for k in args.kl.split(",") if k]:
+                row = run_config(model_name, resolve_attn(attn, device), resolve_kl(kl, device), args, device)
+                rows.append(row)
+                print(markdown_table([row]).splitlines()[-1], flush=True)
+    table = markdown_table(rows)
+    print("\n" + table)
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        summary = {"device": name, "peak_tflops": args.peak_tflops, "torch": torch.__version__,
+                   "dtype": args.dtype, "steps": args.steps, "warmup": args.warmup,
+                   "checkpointing": not args.no_checkpointing, "rows": rows}
+        base = args.out[:-3] if args.out.endswith(".md") else (args.out[:-5] if args.out.endswith(".json") else args.out)
+        with open(base + ".json", "w") as f:
+            json.dump(summary, f, indent=2)
+        with open(base + ".md", "w") as f:
+            f.write(f"device: {name}, {args.dtype}, checkpointing {'on' if not args.no_checkpointing else 'off'}, "
+                    f"median of {args.steps} steps after {args.warmup} warm-up\n\n{table}\n")
+        print(f"wrote {base}.json and {base}.md")
+    return 0 if any(r.get("status") == "ok" for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,76 @@
+#!/usr/bin/env python
+"""Convert a RILS training checkpoint (DeepSpeed, any ZeRO stage x TP x DP, fp32 or bf16).
+
+    # single-process model for rils_scale.load_model / evaluate.py
+    python launchers/convert_checkpoint.py --checkpoint runs/b16 --format rils --output exports/b16
+    # the vision encoder as a timm VisionTransformer (model.safetensors + timm_config.json)
+    python launchers/convert_checkpoint.py --checkpoint runs/b16 --format timm --output exports/b16_timm
+    # a checkpoint for another tensor-parallel size; then
+    #   deepspeed launchers/pretrain.py ... --tensor-parallel 4 --output-dir runs/b16_tp4 --resume
+    python launchers/convert_checkpoint.py --checkpoint runs/b16 --format deepspeed \\
+        --tensor-parallel 4 --output runs/b16_tp4
+
+--checkpoint takes a run directory, its checkpoints/ directory, one tag directory
+(checkpoints/global_stepN) or, for --format timm/deepspeed, an exported rils directory.
+Streams tensor by tensor: peak memory is about one tensor plus a bounded read window.
+Exit status: 0 on success, 2 on bad arguments, 1 when the checkpoint cannot be converted.
+"""
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="run dir, checkpoints dir, tag dir, or rils export dir")
+    p.add_argument("--format", required=True, choices=("rils", "timm", "deepspeed"), help="output format")
+    p.add_argument("--output", required=True, help="output directory")
+    p.add_argument("--tag", default=None, help="checkpoint tag, e.g. global_step2000 (default: 'latest')")
+    p.add_argument("--tensor-parallel", type=int, default=None,
+                   help="TP size of the --format deepspeed output (required for that format)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer.model to ship (default: the run's copy)")
+    p.add_argument("--replica-tolerance", type=float, default=0.0,
+                   help="max abs difference accepted between TP copies of a replicated parameter "
+                        "(default 0: bit-identical, as a correct TP run produces)")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="if the restricted unpickler refuses a DeepSpeed file, unpickle it fully "
+                        "(only for checkpoints you produced yourself)")
+    p.add_argument("--overwrite", action="store_true", help="write into a non-empty output directory")
+    return p
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.format == "deepspeed" and args.tensor_parallel is None:
+        parser.error("--format deepspeed needs --tensor-parallel N")
+    if args.format != "deepspeed" and args.tensor_parallel is not None:
+        parser.error("--tensor-parallel only applies to --format deepspeed")
+    from rils_scale.checkpoint.export import export
+    from rils_scale.checkpoint.layout import CheckpointError
+    from rils_scale.checkpoint.sources import open_source
+
+    start = time.time()
+    try:
+        source = open_source(args.checkpoint, args.tag, trusted=args.trust_pickle,
+                             replica_tolerance=args.replica_tolerance)
+        info = source.describe()
+        print(f"[convert] reading {info.get('path', args.checkpoint)} ({info.get('layout', 'rils')}, "
+              f"TP={info.get('tensor_parallel', 1)}, DP={info.get('data_parallel', 1)}, step {info.get('step')}); "
+              f"model {source.model_config.name}", flush=True)
+        written = export(source, args.format, args.output, tensor_parallel=args.tensor_parallel or 1,
+                         tokenizer=args.tokenizer, overwrite=args.overwrite)
+    except (CheckpointError, FileNotFoundError, RuntimeError) as err:
+        print(f"convert_checkpoint.py: error: {err}", file=sys.stderr)
+        return 1
+    for key, value in written.items():
+        print(f"[convert] wrote {key}: {value}")
+    print(f"[convert] {args.format} export done in {time.time() - start:.1f}s -> {os.path.abspath(args.output)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

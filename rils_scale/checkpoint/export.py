@@ -1,0 +1,291 @@
+"""Export a checkpoint as ``rils`` (safetensors + config), ``timm`` (vision encoder) or
+``deepspeed`` (weights-only checkpoint for another TP size). All three stream: one full
+tensor in memory at a time (see docs/checkpoints.md).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from ..models.config import RILSConfig
+from ..models.vision import sincos_2d_position_embedding
+from ..parallel.sharding import padded_size, split_full_tensor
+from .layout import WEIGHTS_ONLY_MARKER, CheckpointError, tensor_parallel_layout_for
+from .serialization import StreamingSafetensorsWriter, write_json
+from .sources import RILS_CONFIG, RILS_FORMAT, RILS_WEIGHTS, Source, source_run_config, source_tokenizer
+
+FORMATS = ("rils", "timm", "deepspeed")
+
+
+def _image_config(cfg: RILSConfig) -> dict:
+    from ..data.transforms import CLIP_MEAN, CLIP_STD
+    return {"size": cfg.vision.image_size, "mean": list(CLIP_MEAN), "std": list(CLIP_STD),
+            "interpolation": "bicubic", "resize": "shorter side to size, then center crop (crop_pct 1.0)"}
+
+
+def _prepare_dir(path: str, overwrite: bool) -> None:
+    if os.path.exists(path) and os.listdir(path) and not overwrite:
+        raise CheckpointError(f"output directory {path} exists and is not empty (pass --overwrite to replace files)")
+    os.makedirs(path, exist_ok=True)
+
+
+def _copy_tokenizer(source: Source, out_dir: str, tokenizer: Optional[str], required: bool) -> Optional[str]:
+    path = tokenizer or source_tokenizer(source)
+    if path is None:
+        if required:
+            raise CheckpointError("no tokenizer found next to the checkpoint (RUN/tokenizer.model) or in its "
+                                  "config.json: pass --tokenizer PATH")
+        return None
+    dest = os.path.join(out_dir, "tokenizer.model")
+    if os.path.abspath(path) != os.path.abspath(dest):
+        shutil.copyfile(path, dest)
+    return dest
+
+
+# --------------------------------------------------------------------------------------- rils
+def export_rils(source: Source, output_dir: str, *, tokenizer: Optional[str] = None,
+                overwrite: bool = False) -> Dict[str, str]:
+    """``model.safetensors`` (fp32, TP=1 names) + ``config.json`` + ``tokenizer.model``."""
+    _prepare_dir(output_dir, overwrite)
+    cfg = source.model_config
+    names = source.names()
+    weights = os.path.join(output_dir, RILS_WEIGHTS)
+    with StreamingSafetensorsWriter(weights, [(n, source.full_shape(n), torch.float32) for n in names],
+                                    {"format": "pt", "producer": "rils_scale"}) as writer:
+        for name, tensor in source.iter_full_tensors():
+            writer.write(name, tensor)
+    tok = _copy_tokenizer(source, output_dir, tokenizer, required=True)
+    write_json(os.path.join(output_dir, RILS_CONFIG), {
+        "format": RILS_FORMAT, "format_version": 1, "model": cfg.to_dict(), "tokenizer": "tokenizer.model",
+        "weights": RILS_WEIGHTS, "dtype": "float32", "image": _image_config(cfg), "source": source.describe(),
+    })
+    return {"weights": weights, "config": os.path.join(output_dir, RILS_CONFIG), "tokenizer": tok}
+
+
+# --------------------------------------------------------------------------------------- timm
+def timm_model_kwargs(cfg: RILSConfig, num_classes: Optional[int] = None) -> dict:
+    """Keyword arguments of ``timm.models.vision_transformer.VisionTransformer`` (equally of
+    ``timm.create_model("vit_base_patch16_224", pretrained=False, **kwargs)``, whose preset
+    values they all override) that give exactly the RILS vision encoder:
+
+    - ``class_token=True``, ``no_embed_class=False``: the cls token is prepended and the
+      position table has a cls row (zeros for the fixed sin-cos table), as in RILS;
+    - ``global_pool="avg"`` with ``fc_norm=False``: timm then applies the final ``norm`` to
+      every token *before* pooling (``fc_norm=None`` would move it after the pool) and averages
+      the patch tokens only (``pool_include_prefix=False`` drops the cls token) -- exactly
+      RILS's "mean of final-normed patch tokens, cls excluded";
+    - ``qkv_bias=True``: the fused ``qkv.bias`` holds (q_bias, 0, v_bias);
+    - timm's default LayerNorm eps is 1e-6 and its MLP activation exact GELU, as in RILS;
+    - ``num_classes=embed_dim``: the head is the image projection, so ``model(x)`` equals
+      ``encode_image(x)`` (unnormalised); ``num_classes=0`` gives the pooled encoder features.
+    """
+    v = cfg.vision
+    if abs(v.layer_norm_eps - 1e-6) > 1e-12:
+        raise CheckpointError(f"timm export assumes LayerNorm eps 1e-6 (timm's default), model has {v.layer_norm_eps}")
+    hidden = v.mlp_hidden
+    ratio = hidden / v.width
+    if int(v.width * ratio) != hidden:  # timm uses int(dim * mlp_ratio)
+        ratio = (hidden + 0.5) / v.width
+    return {
+        "img_size": v.image_size, "patch_size": v.patch_size, "in_chans": 3,
+        "num_classes": cfg.embed_dim if num_classes is None else num_classes,
+        "global_pool": "avg", "fc_norm": False, "class_token": True, "no_embed_class": False,
+        "pre_norm": False, "final_norm": True, "embed_dim": v.width, "depth": v.depth, "num_heads": v.heads,
+        "mlp_ratio": ratio, "qkv_bias": True, "qk_norm": False, "init_values": None, "reg_tokens": 0,
+        "dynamic_img_size": False,
+    }
+
+
+def _timm_entries(cfg: RILSConfig) -> List[Tuple[str, Tuple[int, ...]]]:
+    v, d = cfg.vision, cfg.vision.width
+    entries = [("cls_token", (1, 1, d)), ("pos_embed", (1, 1 + v.num_patches, d)),
+               ("patch_embed.proj.weight", (d, 3, v.patch_size, v.patch_size)), ("patch_embed.proj.bias", (d,))]
+    for i in range(v.depth):
+        b = f"blocks.{i}."
+        entries += [(b + "norm1.weight", (d,)), (b + "norm1.bias", (d,)),
+                    (b + "attn.qkv.weight", (3 * d, d)), (b + "attn.qkv.bias", (3 * d,)),
+                    (b + "attn.proj.weight", (d, d)), (b + "attn.proj.bias", (d,)),
+                    (b + "norm2.weight", (d,)), (b + "norm2.bias", (d,)),
+                    (b + "mlp.fc1.weight", (v.mlp_hidden, d)), (b + "mlp.fc1.bias", (v.mlp_hidden,)),
+                    (b + "mlp.fc2.weight", (d, v.mlp_hidden)), (b + "mlp.fc2.bias", (d,))]
+    entries += [("norm.weight", (d,)), ("norm.bias", (d,)),
+                ("head.weight", (cfg.embed_dim, d)), ("head.bias", (cfg.embed_dim,))]
+    return entries
+
+
+def rils_to_timm_name(name: str) -> Optional[str]:
+    """timm name of a RILS vision parameter (``None``: not part of the timm model, or q/v bias,
+    which are fused into ``qkv.bias`` separately)."""
+    if name == "visual.cls_token":
+        return "cls_token"
+    if name.startswith("visual.patch_embed."):
+        return "patch_embed.proj." + name.rsplit(".", 1)[1]
+    if name.startswith("visual.norm."):
+        return name[len("visual."):]
+    if name.startswith("visual.transformer.blocks."):
+        if name.endswith(("attn.q_bias", "attn.v_bias")):
+            return None
+        return name[len("visual.transformer."):]
+    if name == "image_projection.weight":
+        return "head.weight"
+    return None
+
+
+def export_timm(source: Source, output_dir: str, *, overwrite: bool = False) -> Dict[str, str]:
+    """The vision encoder (+ image projection as ``head``) as a timm ``VisionTransformer``:
+    ``model.safetensors`` + ``timm_config.json``."""
+    _prepare_dir(output_dir, overwrite)
+    cfg = source.model_config
+    kwargs = timm_model_kwargs(cfg)
+    entries = _timm_entries(cfg)
+    weights = os.path.join(output_dir, "model.safetensors")
+    names = [n for n in source.names() if n.startswith("visual.") or n == "image_projection.weight"]
+    with StreamingSafetensorsWriter(weights, [(n, s, torch.float32) for n, s in entries],
+                                    {"format": "pt", "producer": "rils_scale"}) as writer:
+        writer.write("pos_embed", sincos_2d_position_embedding(cfg.vision.width, cfg.vision.grid_size)[None])
+        writer.write("head.bias", torch.zeros(cfg.embed_dim))
+        pending: Dict[str, Dict[str, torch.Tensor]] = {}
+        for name, tensor in source.iter_full_tensors(names):
+            if name.endswith(("attn.q_bias", "attn.v_bias")):
+                block = name.rsplit(".", 1)[0][len("visual.transformer."):]  # blocks.i.attn
+                pending.setdefault(block, {})[name.rsplit(".", 1)[1]] = tensor
+                if len(pending[block]) == 2:  # RILS's k bias is fixed at zero (BEiT style)
+                    pair = pending.pop(block)
+                    q, v = pair["q_bias"], pair["v_bias"]
+                    writer.write(block + ".qkv.bias", torch.cat([q, torch.zeros_like(q), v]))
+                continue
+            target = rils_to_timm_name(name)
+            if target is None:
+                continue
+            writer.write(target, tensor.t().contiguous() if target == "head.weight" else tensor)
+    image = _image_config(cfg)
+    write_json(os.path.join(output_dir, "timm_config.json"), {
+        "architecture": "vit_base_patch16_224",
+        "model_kwargs": kwargs,
+        "usage": ("timm.create_model(cfg['architecture'], pretrained=False, **cfg['model_kwargs']) or "
+                  "timm.models.vision_transformer.VisionTransformer(**cfg['model_kwargs']); then "
+                  "model.load_state_dict(safetensors.torch.load_file('model.safetensors'), strict=True). "
+                  "model(x) == RILS encode_image(x) (unnormalised); model.reset_classifier(0) or "
+                  "num_classes=0 (drop head.* when loading) gives the pooled features; "
+                  "model.forward_features(x) the final-normed tokens [B, 1 + N, D] (cls first)."),
+        "pretrained_cfg": {"input_size": [3, image["size"], image["size"]], "mean": image["mean"],
+                           "std": image["std"], "interpolation": "bicubic", "crop_pct": 1.0,
+                           "num_classes": cfg.embed_dim},
+        "notes": {"pos_embed": "fixed 2-D sin-cos table (MAE), stored as timm's learnable pos_embed; "
+                               "freeze it or keep it, and resample it for other resolutions",
+                  "head": "RILS image_projection (weight = projection.T, zero bias)"},
+        "source": source.describe(),
+    })
+    return {"weights": weights, "config": os.path.join(output_dir, "timm_config.json")}
+
+
+# ---------------------------------------------------------------------------------- deepspeed
+def export_deepspeed(source: Source, output_dir: str, tensor_parallel: int, *, tokenizer: Optional[str] = None,
+                     overwrite: bool = False) -> Dict[str, str]:
+    """A weights-only checkpoint for ``tensor_parallel`` TP ranks, laid out as a run directory::
+
+        OUT/config.json, OUT/tokenizer.model
+        OUT/checkpoints/latest
+        OUT/checkpoints/<tag>/rils_weights.json          marker + client state + LR-schedule state
+        OUT/checkpoints/<tag>/tp_rank_XX.safetensors     TP rank XX's shards, fp32, trainer names
+
+    ``pretrain.py --output-dir OUT --resume --tensor-parallel N`` loads it (any ZeRO stage, any
+    DP size): weights exactly, step / samples / LR schedule restored, Adam moments
+    re-initialised (see docs/checkpoints.md for why).
+    """
+    if tensor_parallel < 1:
+        raise CheckpointError(f"--tensor-parallel must be >= 1, got {tensor_parallel}")
+    cfg = source.model_config
+    try:
+        layout = tensor_parallel_layout_for(cfg, tensor_parallel)
+    except ValueError as err:
+        raise CheckpointError(f"model {cfg.name!r} cannot be split over TP={tensor_parallel}: {err}") from None
+    step = source.step if source.step is not None else 0
+    tag = getattr(getattr(source, "ref", None), "tag", None) or f"global_step{step}"
+    checkpoints = os.path.join(output_dir, "checkpoints")
+    tag_dir = os.path.join(checkpoints, tag)
+    if os.path.exists(tag_dir) and not overwrite:
+        raise CheckpointError(f"{tag_dir} already exists (pass --overwrite to replace it)")
+    os.makedirs(tag_dir, exist_ok=True)
+
+    def shard_shape(name):
+        full = list(source.full_shape(name))
+        spec = layout.get(name)
+        if spec is None:
+            return tuple(full)
+        size = padded_size(full[spec.partition_dim], tensor_parallel) if spec.vocab_size is not None \
+            else full[spec.partition_dim]
+        full[spec.partition_dim] = size // tensor_parallel
+        return tuple(full)
+
+    names = source.names()
+    files = [f"tp_rank_{t:02d}.safetensors" for t in range(tensor_parallel)]
+    entries = [(n, shard_shape(n), torch.float32) for n in names]
+    writers = [StreamingSafetensorsWriter(os.path.join(tag_dir, f), entries, {"format": "pt", "tp_rank": str(t)})
+               for t, f in enumerate(files)]
+    try:
+        for name, tensor in source.iter_full_tensors():
+            spec = layout.get(name)
+            if spec is None:
+                for w in writers:
+                    w.write(name, tensor)
+                continue
+            shards = split_full_tensor(tensor, spec.partition_dim, tensor_parallel, stride=spec.stride,
+                                       pad=spec.vocab_size is not None)
+            for w, shard in zip(writers, shards):
+                w.write(name, shard)
+            del shards
+        for w in writers:
+            w.close()
+    except BaseException:
+        for w in writers:
+            w.abort()
+        raise
+    client = dict(source.client_state)
+    client.update(step=step, tensor_parallel=tensor_parallel, model_config=cfg.to_dict())
+    client.setdefault("batches_consumed", 0)
+    client.setdefault("skipped", {})
+    write_json(os.path.join(tag_dir, WEIGHTS_ONLY_MARKER), {
+        "format": "rils-weights-only", "format_version": 1, "tensor_parallel": tensor_parallel, "files": files,
+        "client_state": {k: client[k] for k in ("step", "batches_consumed", "skipped", "model_config",
+                                                "tensor_parallel") if k in client},
+        "lr_scheduler": _jsonable(getattr(source, "lr_scheduler", None)),
+        "optimizer": "not stored: Adam moments start from zero on resume (docs/checkpoints.md)",
+        "source": source.describe(),
+    })
+    with open(os.path.join(checkpoints, "latest"), "w") as f:
+        f.write(tag)
+    run_cfg = source_run_config(source) or {}
+    run_cfg = dict(run_cfg, model=cfg.to_dict(), tokenizer="tokenizer.model")
+    run_cfg["parallel"] = dict(run_cfg.get("parallel", {}), tensor_parallel=tensor_parallel)
+    run_cfg["converted_from"] = source.describe()
+    write_json(os.path.join(output_dir, "config.json"), run_cfg)
+    tok = _copy_tokenizer(source, output_dir, tokenizer, required=False)
+    return {"checkpoint": tag_dir, "files": ", ".join(files), "config": os.path.join(output_dir, "config.json"),
+            "tokenizer": tok or "(none found: pass --tokenizer to the trainer)"}
+
+
+def _jsonable(obj):
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, torch.Tensor) and obj.numel() == 1:
+        return obj.item()
+    return None
+
+
+def export(source: Source, fmt: str, output: str, *, tensor_parallel: int = 1, tokenizer: Optional[str] = None,
+           overwrite: bool = False) -> Dict[str, str]:
+    if fmt == "rils":
+        return export_rils(source, output, tokenizer=tokenizer, overwrite=overwrite)
+    if fmt == "timm":
+        return export_timm(source, output, overwrite=overwrite)
+    if fmt == "deepspeed":
+        return export_deepspeed(source, output, tensor_parallel, tokenizer=tokenizer, overwrite=overwrite)
+    raise CheckpointError(f"unknown format {fmt!r}; choose from {FORMATS}")

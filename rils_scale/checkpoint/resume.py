@@ -1,0 +1,92 @@
+"""Resume training from a weights-only checkpoint (``convert_checkpoint.py --format deepspeed``).
+
+Called by :meth:`rils_scale.train.loop.Trainer.maybe_resume` when the newest tag holds
+``rils_weights.json``. Works for any ZeRO stage and any DP size, on the TP size the
+checkpoint was written for:
+
+1. every module's parameters are loaded inside ``deepspeed.zero.GatheredParameters(...,
+   modifier_rank=0)`` (DESIGN §7: under ZeRO-3 a parameter is an empty partition outside
+   it; rank 0 of each DP group broadcasts, every rank copies the same values);
+2. the optimizer's fp32 master copy of each parameter is set with
+   ``deepspeed.utils.safe_set_full_fp32_param`` (otherwise the next step would overwrite the
+   loaded weights with the stale masters of the fresh initialisation);
+3. step, samples, skip counters and the LR-scheduler state are restored; Adam moments stay
+   at their fresh zero state (the converter does not carry them; docs/checkpoints.md).
+
+Every rank reads the file of its own TP rank.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional, Tuple
+
+import torch
+
+from .layout import WEIGHTS_ONLY_MARKER
+
+
+def weights_only_tag(checkpoints_dir: str) -> Optional[str]:
+    """The tag directory named by ``checkpoints_dir/latest`` if it is a weights-only checkpoint."""
+    latest = os.path.join(checkpoints_dir, "latest")
+    if not os.path.isfile(latest):
+        return None
+    with open(latest) as f:
+        tag_dir = os.path.join(checkpoints_dir, f.read().strip())
+    return tag_dir if os.path.isfile(os.path.join(tag_dir, WEIGHTS_ONLY_MARKER)) else None
+
+
+def load_weights_only_checkpoint(engine, checkpoints_dir: str, tp_rank: int, tp_size: int) -> Tuple[str, dict]:
+    """Load the weights-only checkpoint named by ``latest`` into a DeepSpeed engine.
+
+    Returns ``(tag_dir, client_state)`` like ``engine.load_checkpoint``. Raises ``SystemExit``
+    with a clear message when the checkpoint was written for another TP size or does not
+    match the model.
+    """
+    import deepspeed
+    from deepspeed.utils import safe_set_full_fp32_param
+    from safetensors import safe_open
+
+    tag_dir = weights_only_tag(checkpoints_dir)
+    if tag_dir is None:
+        raise SystemExit(f"{checkpoints_dir}: 'latest' does not name a weights-only checkpoint")
+    with open(os.path.join(tag_dir, WEIGHTS_ONLY_MARKER)) as f:
+        meta = json.load(f)
+    if int(meta["tensor_parallel"]) != tp_size:
+        raise SystemExit(f"{tag_dir} was converted for --tensor-parallel {meta['tensor_parallel']}, this run uses "
+                         f"{tp_size}: convert again with launchers/convert_checkpoint.py --format deepspeed "
+                         f"--tensor-parallel {tp_size}")
+    path = os.path.join(tag_dir, meta["files"][tp_rank])
+    module = engine.module
+    with safe_open(path, framework="pt", device="cpu") as f:
+        stored = set(f.keys())
+        expected = {n for n, _ in module.named_parameters()}
+        if stored != expected:
+            missing, extra = sorted(expected - stored)[:5], sorted(stored - expected)[:5]
+            raise SystemExit(f"{path} does not match the model: missing {missing}, unexpected {extra}")
+        for prefix, sub in module.named_modules():
+            params = list(sub.named_parameters(recurse=False))
+            if not params:
+                continue
+            values = {n: f.get_tensor(f"{prefix}.{n}" if prefix else n) for n, _ in params}
+            with deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=0):
+                for n, p in params:
+                    value = values[n]
+                    if tuple(p.shape) != tuple(value.shape):
+                        raise SystemExit(f"{prefix}.{n}: checkpoint shape {tuple(value.shape)}, model {tuple(p.shape)}")
+                    p.data.copy_(value.to(device=p.device, dtype=p.dtype))
+            for n, p in params:  # the optimizer's fp32 master copy (no-op for plain fp32 ZeRO-0)
+                safe_set_full_fp32_param(p, values[n].to(device=p.device, dtype=torch.float32))
+
+    client = dict(meta.get("client_state", {}))
+    sched_state = meta.get("lr_scheduler")
+    if sched_state and engine.lr_scheduler is not None:
+        engine.lr_scheduler.load_state_dict(sched_state)
+        for group, lr in zip(engine.optimizer.param_groups, engine.lr_scheduler.get_last_lr()):
+            group["lr"] = lr
+    # The optimizer itself (Adam moments and their step count) stays exactly as in a fresh run.
+    step = int(client.get("step", 0))
+    engine.global_steps = step
+    engine.global_samples = int(client.get("batches_consumed", step)) * engine.train_micro_batch_size_per_gpu() \
+        * getattr(engine, "dp_world_size", 1)
+    return tag_dir, client

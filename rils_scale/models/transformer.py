@@ -1,0 +1,166 @@
+"""Pre-norm transformer block and stack shared by the vision encoder, decoder and text tower.
+
+Reads as single-device math. Sharding comes from the layers it is built from: q/k/v and the
+MLP's first layer are column-parallel (heads and hidden units split over TP), the output
+projections row-parallel; with TP = 1 they are plain linear layers.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..parallel.layers import (ColumnParallelLinear, RowParallelLinear, SequenceParallelLayerNorm,
+                               normal_init, sharded_parameter, xavier_uniform)
+from ..parallel.mappings import (_size, gather_from_tensor_parallel_region,
+                                 scatter_to_sequence_parallel_region)
+from ..parallel.random import checkpoint, get_rng_tracker
+from .attention import attention
+
+
+@dataclass
+class ParallelSpec:
+    """How the layers of a tower are split: the one place that decides plain vs parallel."""
+
+    tp_group: Optional[object] = None
+    """Tensor-parallel process group (None: single process)."""
+    sequence_parallel: bool = False
+    """Split norm/residual regions along the sequence inside the TP group."""
+    activation_checkpointing: bool = False
+    """Recompute each block in backward instead of storing its activations."""
+
+    @property
+    def tp_size(self) -> int:
+        return _size(self.tp_group)
+
+
+@dataclass
+class BlockInit:
+    """Initialisers of one block's weights (MAE: xavier everywhere; CLIP text: scaled normals)."""
+
+    qkv: Callable = xavier_uniform
+    proj: Callable = xavier_uniform
+    fc1: Callable = xavier_uniform
+    fc2: Callable = xavier_uniform
+
+    @classmethod
+    def clip_text(cls, width: int, depth: int) -> "BlockInit":
+        attn_std, proj_std, fc_std = width ** -0.5, width ** -0.5 * (2 * depth) ** -0.5, (2 * width) ** -0.5
+        return cls(normal_init(attn_std), normal_init(proj_std), normal_init(fc_std), normal_init(proj_std))
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention; this rank holds ``heads / TP`` heads.
+
+    ``qkv_bias``: "qv" (BEiT style: learned q and v bias, k bias fixed at zero), "qkv" or "none".
+    """
+
+    def __init__(self, dim: int, heads: int, spec: ParallelSpec, *, qkv_bias: str = "qv",
+                 causal: bool = False, dropout: float = 0.0, init: BlockInit = BlockInit(),
+                 attn_backend: str = "auto"):
+        super().__init__()
+        tp = spec.tp_size
+        if dim % heads:
+            raise ValueError(f"width {dim} not divisible by heads {heads}")
+        if heads % tp:
+            raise ValueError(f"{heads} attention heads are not divisible by --tensor-parallel {tp}")
+        self.heads_local, self.head_dim = heads // tp, dim // heads
+        self.causal, self.dropout, self.attn_backend = causal, dropout, attn_backend
+        sp = dict(sequence_parallel=spec.sequence_parallel)
+        self.qkv = ColumnParallelLinear(dim, 3 * dim, tp_group=spec.tp_group, bias=(qkv_bias == "qkv"),
+                                        stride=3, init_method=init.qkv, **sp)
+        self.q_bias = self.v_bias = None
+        if qkv_bias == "qv":
+            self.q_bias = sharded_parameter((dim,), 0, spec.tp_group)
+            self.v_bias = sharded_parameter((dim,), 0, spec.tp_group)
+        self.proj = RowParallelLinear(dim, dim, tp_group=spec.tp_group, init_method=init.proj, **sp)
+
+    def forward(self, x: torch.Tensor, key_padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        qkv = self.qkv(x)
+        if self.q_bias is not None:
+            qkv = qkv + torch.cat([self.q_bias, torch.zeros_like(self.v_bias), self.v_bias])
+        b, n, _ = qkv.shape
+        q, k, v = qkv.view(b, n, 3, self.heads_local, self.head_dim).permute(2, 0, 3, 1, 4)
+        p = self.dropout if self.training else 0.0
+        with get_rng_tracker().fork():  # dropout on this rank's heads
+            out = attention(q, k, v, causal=self.causal, key_padding_mask=key_padding_mask,
+                            dropout_p=p, backend=self.attn_backend)
+        return self.proj(out.transpose(1, 2).reshape(b, n, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, hidden: int, spec: ParallelSpec, init: BlockInit = BlockInit()):
+        super().__init__()
+        sp = dict(sequence_parallel=spec.sequence_parallel)
+        self.fc1 = ColumnParallelLinear(dim, hidden, tp_group=spec.tp_group, init_method=init.fc1, **sp)
+        self.fc2 = RowParallelLinear(hidden, dim, tp_group=spec.tp_group, init_method=init.fc2, **sp)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, heads: int, mlp_hidden: int, spec: ParallelSpec, *, eps: float = 1e-6,
+                 qkv_bias: str = "qv", causal: bool = False, dropout: float = 0.0,
+                 init: BlockInit = BlockInit(), attn_backend: str = "auto"):
+        super().__init__()
+        norm = dict(eps=eps, tp_group=spec.tp_group, sequence_parallel=spec.sequence_parallel)
+        self.norm1 = SequenceParallelLayerNorm(dim, **norm)
+        self.attn = Attention(dim, heads, spec, qkv_bias=qkv_bias, causal=causal, dropout=dropout,
+                              init=init, attn_backend=attn_backend)
+        self.norm2 = SequenceParallelLayerNorm(dim, **norm)
+        self.mlp = MLP(dim, mlp_hidden, spec, init)
+        self.dropout = dropout
+        self.sequence_parallel = spec.sequence_parallel and spec.tp_size > 1
+
+    def _drop(self, x):
+        if not self.training or self.dropout == 0:
+            return x
+        if self.sequence_parallel:  # different tokens on each rank: draw from the TP state
+            with get_rng_tracker().fork():
+                return F.dropout(x, self.dropout)
+        return F.dropout(x, self.dropout)
+
+    def forward(self, x, key_padding_mask: Optional[torch.Tensor] = None):
+        x = x + self._drop(self.attn(self.norm1(x), key_padding_mask))
+        return x + self._drop(self.mlp(self.norm2(x)))
+
+
+class Transformer(nn.Module):
+    """A stack of blocks, with the sequence-parallel region and activation checkpointing.
+
+    Under sequence parallelism the token dimension (dim 1) is padded to a multiple of TP
+    (ViT sequences such as 197 or 50 rarely divide), the padding is masked out as keys, the
+    stack runs on this rank's tokens, and the full sequence is gathered at the end.
+    """
+
+    def __init__(self, dim: int, depth: int, heads: int, mlp_hidden: int, spec: ParallelSpec, **block_kw):
+        super().__init__()
+        self.spec = spec
+        self.blocks = nn.ModuleList([Block(dim, heads, mlp_hidden, spec, **block_kw) for _ in range(depth)])
+        self.causal = block_kw.get("causal", False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tp, group = self.spec.tp_size, self.spec.tp_group
+        sequence_parallel = self.spec.sequence_parallel and tp > 1
+        n = x.shape[1]
+        pad_mask = None
+        if sequence_parallel:
+            pad = (-n) % tp
+            if pad:
+                x = F.pad(x, (0, 0, 0, pad))
+                if not self.causal:  # causal attention never looks at the trailing padding
+                    pad_mask = torch.zeros(x.shape[0], n + pad, dtype=torch.bool, device=x.device)
+                    pad_mask[:, n:] = True
+            x = scatter_to_sequence_parallel_region(x, group, dim=1)
+        for block in self.blocks:
+            if self.spec.activation_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, pad_mask)
+            else:
+                x = block(x, pad_mask)
+        if sequence_parallel:
+            x = gather_from_tensor_parallel_region(x, group, dim=1)[:, :n]
+        return x

@@ -1,0 +1,105 @@
+"""DeepSpeed ZeRO x tensor parallelism: the few calls that must be made exactly one way.
+
+Facts checked against deepspeed 0.19.8 (CPU, gloo, TP = 2 x DP = 2; see docs/parallelism.md
+and tests/test_zero3_tensor_parallel.py):
+
+- ``deepspeed.zero.Init`` partitions over ``data_parallel_group`` (its ``ds_process_group``)
+  and broadcasts every new parameter from that group's first rank; without the argument it
+  uses the *world*, so TP peers' different shards would be overwritten by one rank's shard
+  and then partitioned across TP peers. ``mpu`` alone does not change that (it is only read
+  for the config). :func:`zero_init_context` always passes both.
+- ``deepspeed.initialize(mpu=DeepSpeedMPU(state))`` makes the engine average gradients over
+  ``mpu.get_data_parallel_group()`` and the ZeRO optimizers reduce norms/overflow over
+  ``mpu.get_model_parallel_group()``.
+- Gradient norm (``stage3.py::get_grad_norm_direct``, same rule in ``stage_1_and_2.py``):
+  sum of squares of this rank's gradient partitions, counting a parameter only if
+  ``tensor_model_parallel`` is set on it *or* this is TP rank 0; all-reduce over the partition
+  (DP) group, then over the model-parallel group. With our layout (shards marked, replicated
+  parameters identical on TP peers, sequence-parallel gradients already summed in autograd)
+  that is exactly the norm of the TP = 1 gradient: shards are counted once each, replicated
+  parameters once. Two conditions: the partition group must not contain TP peers (else 0.19.8
+  switches to "every rank counts" mode, see ``_grad_norm_counts_every_rank``), i.e. pass
+  ``data_parallel_group``; and every TP shard must carry ``tensor_model_parallel = True``
+  (the layers do; :func:`check_zero_tensor_parallel_setup` verifies both).
+"""
+from __future__ import annotations
+
+from typing import Iterable, Tuple
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from .state import DeepSpeedMPU, ParallelState
+
+
+def zero_init_context(state: ParallelState, ds_config, enabled: bool = True):
+    """``deepspeed.zero.Init`` that partitions over the DP group only (build the model inside).
+
+    Args:
+        state: this rank's parallel state (its ``dp_group`` is the partition group).
+        ds_config: DeepSpeed config dict or path (dtype, offload, ``memory_efficient_linear``).
+        enabled: False for ZeRO stage < 3 (the context then does nothing).
+    """
+    import deepspeed
+
+    dp_group = state.dp_group
+    if dp_group is None and dist.is_initialized():
+        dp_group = dist.group.WORLD  # single-TP run: DP = world
+    return deepspeed.zero.Init(data_parallel_group=dp_group, mpu=DeepSpeedMPU(state),
+                               config_dict_or_path=ds_config, enabled=enabled)
+
+
+def _group_ranks(group) -> Tuple[int, ...]:
+    return tuple(dist.get_global_rank(group, r) for r in range(dist.get_world_size(group)))
+
+
+def check_zero_tensor_parallel_setup(model: nn.Module, state: ParallelState) -> None:
+    """Raise ``RuntimeError`` if the ZeRO x TP layout is wrong; call once after building.
+
+    Checks that every ZeRO-3 parameter is partitioned over exactly this rank's DP group (not
+    the world, which would mix TP shards) and, with TP > 1, that TP layers carry
+    ``tensor_model_parallel`` (else DeepSpeed's gradient norm under-counts them).
+    """
+    problems = []
+    if dist.is_initialized() and state.dp_group is not None:
+        want = tuple(state.dp_ranks())
+        for name, p in model.named_parameters():
+            group = getattr(p, "ds_process_group", None)
+            if group is not None and _group_ranks(group) != want:
+                problems.append(f"{name} is partitioned over ranks {_group_ranks(group)}, not the DP group "
+                                f"{want}: build the model under zero_init_context(state, ...)")
+                break
+    if state.tp_size > 1:
+        from .layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
+        for name, module in model.named_modules():
+            if isinstance(module, (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding)) \
+                    and module.tp_group is not None and not getattr(module.weight, "tensor_model_parallel", False):
+                problems.append(f"{name}.weight is a TP shard without tensor_model_parallel=True")
+    if problems:
+        raise RuntimeError("ZeRO x tensor-parallel setup is wrong:\n  " + "\n  ".join(problems))
+
+
+def tensor_parallel_grad_norm(parameters: Iterable[torch.Tensor], state: ParallelState,
+                              grads_partitioned_over_dp: bool = False) -> torch.Tensor:
+    """Global L2 norm of full (not ZeRO-partitioned) gradients under TP, without double counting.
+
+    For loops without DeepSpeed and for checking DeepSpeed's value. TP shards count on every
+    TP rank, replicated parameters on TP rank 0 only; the sum of squares is all-reduced over
+    the TP group (and over DP when each DP rank holds a different slice of the gradients).
+    Gradients must already be averaged over DP and, for sequence-parallel parameters, summed
+    over TP (the layers do the latter in autograd).
+    """
+    total = torch.zeros((), dtype=torch.float64)
+    for p in parameters:
+        if p.grad is None:
+            continue
+        if getattr(p, "tensor_model_parallel", False) or state.tp_rank == 0:
+            total += p.grad.detach().double().pow(2).sum().cpu()
+    if dist.is_initialized():
+        if state.tp_size > 1 and state.tp_group is not None:
+            dist.all_reduce(total, group=state.tp_group)
+        if grads_partitioned_over_dp and state.dp_size > 1:
+            dist.all_reduce(total, group=state.dp_group)
+    return total.sqrt()
+

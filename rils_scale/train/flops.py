@@ -1,0 +1,239 @@
+"""Analytical FLOP accounting of one RILS training step (per rank), for MFU and planning.
+
+Conventions (docs/performance.md has the derivation and the check against
+``torch.utils.flop_counter.FlopCounterMode``):
+
+- A multiply-add is 2 FLOPs. Only matrix products are counted: linear layers, the patch
+  convolution, attention's ``QKᵀ`` and ``AV``, the projections and the loss products.
+  Elementwise work (LayerNorm, GELU, softmax, bias adds, normalisation, the KL's exp/log)
+  is ignored: it is < 1 % of the FLOPs here and is memory-bound anyway.
+- Attention is counted in full (``4·S²·D`` per layer), also for the causal text tower, as
+  FlopCounterMode and the usual MFU conventions (PaLM, Megatron) do; a causal kernel that
+  skips masked tiles does about half of that work, which makes reported MFU slightly generous
+  for the text tower (about 1 % of a B/16 step).
+- Everything is per rank and per micro-batch. ``micro_batch`` is this rank's samples,
+  ``global_batch`` the data-parallel batch (the contrastive columns and the sentence
+  prototypes of the reconstruction loss).
+
+What the model computes (rils_scale.models.rils.RILS.forward) and the objective
+(rils_scale.objectives):
+
+- masked encoder: patch convolution over **all** N patches (the gather of visible tokens
+  comes after it), then ``depth`` blocks on ``1 + K`` tokens, ``K = int(N·(1 - mask_ratio))``;
+- unmasked encoder: patch convolution and ``depth`` blocks on ``1 + N`` tokens;
+- decoder: Linear D→D on ``1 + K`` tokens, ``decoder_depth`` blocks on ``1 + N`` tokens,
+  Linear D→D on N tokens;
+- text tower: ``depth`` blocks on ``context_length`` tokens (token lookup is free);
+- projections: ``image_projection`` three times (N unmasked patch tokens, the pooled token,
+  N decoder predictions) and ``text_projection`` once;
+- contrastive ("local loss"): ``B × G`` image→text and ``B × G`` text→image logits;
+- reconstruction: teacher and student logits of the kept masked rows against all G
+  prototypes. Under TP the rows are split across TP peers (objectives/reconstruction.py).
+
+Backward is 2× forward for every product whose two operands both need a gradient, except:
+the patch convolution (the images take no gradient: 1×), the teacher side (stop-gradient: the
+``image_projection`` of the unmasked patch tokens and the teacher logits, 0×) and the student
+logits (the prototypes are detached by default: 1×, 2× with
+``prototype_grad``).
+
+``total`` is the *model* FLOPs per rank (forward + backward, the numerator of MFU): work a
+perfect implementation must do. ``recompute`` (activation checkpointing: one more forward of
+every transformer block) and ``recon_recompute`` (the streaming KL backward recomputes both
+logit matrices, as FlashAttention does) are extra hardware work, reported apart and summed in
+``total_with_recompute`` (the numerator of HFU).
+"""
+from __future__ import annotations
+
+from typing import Dict
+
+from ..models.config import RILSConfig, VisionConfig
+
+COMPONENTS = ("masked_encoder", "unmasked_encoder", "decoder", "text", "projections", "contrastive",
+              "reconstruction")
+
+
+# --------------------------------------------------------------------------- building blocks
+def block_linear_flops(tokens: int, width: int, mlp_hidden: int) -> int:
+    """Forward FLOPs of one block's linear layers (qkv, proj, fc1, fc2) for one sample."""
+    return 2 * tokens * (4 * width * width + 2 * width * mlp_hidden)
+
+
+def block_attention_flops(tokens: int, width: int) -> int:
+    """Forward FLOPs of one block's ``QKᵀ`` and ``AV`` (all heads) for one sample."""
+    return 4 * tokens * tokens * width
+
+
+def block_flops(tokens: int, width: int, mlp_hidden: int) -> int:
+    return block_linear_flops(tokens, width, mlp_hidden) + block_attention_flops(tokens, width)
+
+
+def visible_tokens(cfg: RILSConfig) -> int:
+    """Tokens of the masked pass: cls + kept patches (random_masking's ``int(N·(1-r))``)."""
+    return 1 + int(cfg.vision.num_patches * (1 - cfg.mask_ratio))
+
+
+def masked_patches(cfg: RILSConfig) -> int:
+    return cfg.vision.num_patches - (visible_tokens(cfg) - 1)
+
+
+def _patch_embed_flops(v: VisionConfig) -> int:
+    return 2 * v.num_patches * 3 * v.patch_size ** 2 * v.width
+
+
+# --------------------------------------------------------------------------- step FLOPs
+def rils_step_flops(cfg: RILSConfig, micro_batch: int, global_batch: int, *,
+                    activation_checkpointing: bool = False, tensor_parallel: int = 1,
+                    recon_rows_fraction: float = 1.0, prototype_grad: bool = False,
+                    recon_backend: str = "streaming", recon_split_tp: bool = True) -> Dict[str, float]:
+    """FLOPs of one training step (one micro-batch) on one rank.
+
+    Returns per-component **forward** FLOPs of the whole (unsharded) model for
+    ``micro_batch`` samples (``masked_encoder``, ``unmasked_encoder``, ``decoder``, ``text``,
+    ``projections``, ``contrastive``, ``reconstruction``), their sums ``forward``,
+    ``backward``, ``recompute`` and ``recon_recompute`` (also unsharded), and the per-rank
+    figures ``total`` (forward + backward, sharded parts / ``tensor_parallel``: the MFU
+    numerator) and ``total_with_recompute`` (plus all recomputation: HFU numerator).
+    ``backward_components`` holds the backward FLOPs per component.
+
+    Extra switches (defaults match the trainer): ``prototype_grad`` (the KL also trains the
+    text tower through the prototypes: one more product in backward), ``recon_backend``
+    ("streaming"/"cuda": the backward recomputes both logit matrices; "reference": they are
+    stored), ``recon_split_tp`` (the KL rows are split over TP peers, as
+    objectives/reconstruction.py does).
+    Pure arithmetic on the config: cheap, but callers should still compute it once per run.
+    """
+    key = (repr(cfg.to_dict()), int(micro_batch), int(global_batch), bool(activation_checkpointing),
+           int(tensor_parallel), float(recon_rows_fraction), bool(prototype_grad), recon_backend,
+           bool(recon_split_tp))
+    if key not in _CACHE:  # RILSConfig is not hashable: key on its contents
+        _CACHE[key] = _compute(cfg, *key[1:])
+    out = dict(_CACHE[key])
+    out["backward_components"] = dict(out["backward_components"])
+    return out
+
+
+_CACHE: Dict[tuple, Dict] = {}
+
+
+def _compute(cfg: RILSConfig, b: int, g: int, ckpt: bool, tp: int, rows_frac: float, proto_grad: bool,
+             recon_backend: str, recon_split_tp: bool) -> Dict[str, float]:
+    if b < 1 or g < b:
+        raise ValueError(f"need 1 <= micro_batch <= global_batch, got {b} and {g}")
+    if tp < 1:
+        raise ValueError(f"tensor_parallel must be >= 1, got {tp}")
+    if not 0.0 <= rows_frac <= 1.0:
+        raise ValueError(f"recon_rows_fraction must be in [0, 1], got {rows_frac}")
+    if recon_backend not in ("streaming", "cuda", "reference", "auto"):
+        raise ValueError(f"unknown recon_backend {recon_backend!r}")
+    v, t, e = cfg.vision, cfg.text, cfg.embed_dim
+    n, d, f = v.num_patches, v.width, v.mlp_hidden
+    s_vis, s_all = visible_tokens(cfg), 1 + n
+    patch = _patch_embed_flops(v)
+
+    # sharded (TP-split) block FLOPs and replicated FLOPs, forward, per micro-batch
+    blocks = {
+        "masked_encoder": b * v.depth * block_flops(s_vis, d, f),
+        "unmasked_encoder": b * v.depth * block_flops(s_all, d, f),
+        "decoder": b * v.decoder_depth * block_flops(s_all, d, f),
+        "text": b * t.depth * block_flops(t.context_length, t.width, t.mlp_hidden),
+    }
+    replicated = {
+        "masked_encoder": b * patch,
+        "unmasked_encoder": b * patch,
+        "decoder": b * (2 * s_vis * d * d + 2 * n * d * d),
+        "text": 0,
+        "projections": b * (2 * (2 * n + 1) * d * e + 2 * t.width * e),
+        "contrastive": 2 * (2 * b * g * e),
+    }
+    rows = b * masked_patches(cfg) * rows_frac
+    logit = 2 * rows * g * e  # one P x G x E product
+    recon = {"teacher": logit, "student": logit}
+
+    fwd = {c: blocks.get(c, 0) + replicated.get(c, 0) for c in COMPONENTS if c != "reconstruction"}
+    fwd["reconstruction"] = recon["teacher"] + recon["student"]
+    bwd = {c: 2 * fwd[c] for c in COMPONENTS if c != "reconstruction"}
+    bwd["masked_encoder"] -= b * patch  # images take no gradient: weight gradient only
+    bwd["unmasked_encoder"] -= b * patch
+    # the projected unmasked patch tokens are the KL teacher only (stop-gradient): no backward
+    # (the unmasked pass learns through the pooled token, i.e. the contrastive loss)
+    bwd["projections"] -= 2 * b * 2 * n * d * e
+    bwd["reconstruction"] = recon["student"] * (2 if proto_grad else 1)  # teacher: stop-gradient
+
+    sharded_fwd = sum(blocks.values())
+    recompute = sharded_fwd if ckpt else 0
+    recon_recompute = 2 * logit if recon_backend in ("streaming", "cuda", "auto") else 0
+
+    recon_div = tp if recon_split_tp else 1
+    recon_total = fwd["reconstruction"] + bwd["reconstruction"]
+    sharded_total = 3 * sharded_fwd  # every block product has both operands with gradient
+    replicated_total = sum(fwd.values()) + sum(bwd.values()) - sharded_total - recon_total
+    total = sharded_total / tp + replicated_total + recon_total / recon_div
+    out: Dict[str, float] = {c: float(fwd[c]) for c in COMPONENTS}
+    out.update(
+        forward=float(sum(fwd.values())),
+        backward=float(sum(bwd.values())),
+        recompute=float(recompute),
+        recon_recompute=float(recon_recompute),
+        total=float(total),
+        total_with_recompute=float(total + recompute / tp + recon_recompute / recon_div),
+        attention=float(b * (v.depth * block_attention_flops(s_vis, d)
+                             + (v.depth + v.decoder_depth) * block_attention_flops(s_all, d)
+                             + t.depth * block_attention_flops(t.context_length, t.width))),
+        tensor_parallel=tp, micro_batch=b, global_batch=g,
+    )
+    out["backward_components"] = {c: float(x) for c, x in bwd.items()}
+    return out
+
+
+def flops_per_sample(cfg: RILSConfig, global_batch: int = 1, **kw) -> float:
+    """Model FLOPs (forward + backward, TP = 1) per training sample at a given global batch."""
+    return rils_step_flops(cfg, 1, max(global_batch, 1), **kw)["total"]
+
+
+# --------------------------------------------------------------------------- parameters
+def _block_params(width: int, mlp_hidden: int, qkv_bias: str) -> Dict[str, int]:
+    """One block's parameters split into TP-sharded and replicated ones (parallel/layers.py)."""
+    d, f = width, mlp_hidden
+    bias = {"qkv": 3 * d, "qv": 2 * d, "none": 0}[qkv_bias]
+    sharded = 3 * d * d + bias + d * d + d * f + f + f * d  # qkv(+bias), proj W, fc1 W+b, fc2 W
+    replicated = 4 * d + d + d  # two LayerNorms, proj bias, fc2 bias (row-parallel biases)
+    return {"sharded": sharded, "replicated": replicated}
+
+
+def model_params(cfg: RILSConfig) -> Dict[str, int]:
+    """Parameter counts: ``vision``, ``decoder``, ``text``, ``projections``, ``total``, and
+    ``sharded`` (split over TP ranks) / ``replicated`` (every TP rank holds a copy).
+    Also ``<part>_sharded`` per part and ``largest_block`` (parameters of the widest block)."""
+    v, t, e = cfg.vision, cfg.text, cfg.embed_dim
+    vb = _block_params(v.width, v.mlp_hidden, "qv")
+    tb = _block_params(t.width, t.mlp_hidden, "qkv")
+    vis_rep = 3 * v.patch_size ** 2 * v.width + v.width + v.width + 2 * v.width  # patch W+b, cls, norm
+    dec_rep = 2 * (v.width * v.width + v.width) + v.width + 2 * v.width  # embed, pred, mask token, norm
+    txt_rep = t.context_length * t.width + 2 * t.width  # positions, ln_final
+    parts = {
+        "vision": (v.depth * vb["sharded"], vis_rep + v.depth * vb["replicated"]),
+        "decoder": (v.decoder_depth * vb["sharded"], dec_rep + v.decoder_depth * vb["replicated"]),
+        "text": (t.vocab_size * t.width + t.depth * tb["sharded"], txt_rep + t.depth * tb["replicated"]),
+        "projections": (0, v.width * e + t.width * e + 1),  # image, text projection, logit scale
+    }
+    out = {k: s + r for k, (s, r) in parts.items()}
+    out.update({f"{k}_sharded": s for k, (s, _) in parts.items()})
+    out["sharded"] = sum(s for s, _ in parts.values())
+    out["replicated"] = sum(r for _, r in parts.values())
+    out["total"] = out["sharded"] + out["replicated"]
+    out["largest_block"] = max(sum(vb.values()), sum(tb.values()))
+    return out
+
+
+def params_per_rank(cfg: RILSConfig, tensor_parallel: int = 1, part: str = None) -> float:
+    """Parameters one TP rank holds (of the whole model, or of ``part``: vision / decoder /
+    text / projections)."""
+    p = model_params(cfg)
+    if part is None:
+        return p["sharded"] / tensor_parallel + p["replicated"]
+    sharded = p[f"{part}_sharded"]
+    return sharded / tensor_parallel + (p[part] - sharded)
+
+
+__all__ = ["rils_step_flops", "model_params", "params_per_rank", "flops_per_sample", "block_flops",
+           "block_linear_flops", "block_attention_flops", "visible_tokens", "masked_patches", "COMPONENTS"]

@@ -1,0 +1,43 @@
+"""Helpers for multi-process CPU tests: free ports, spawning gloo ranks, shard gathering.
+
+Workers are module-level functions ``fn(rank, world_size, *args)`` (picklable for spawn).
+Each spawned rank joins a gloo group on 127.0.0.1 and uses one intra-op thread, so a
+4-rank test on a 2-core machine does not oversubscribe it.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from contextlib import closing
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def find_free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
+        s.bind(("127.0.0.1", 0))
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        return s.getsockname()[1]
+
+
+def _entry(rank, fn, world_size, port, args):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size, init_method=f"tcp://127.0.0.1:{port}")
+    try:
+        fn(rank, world_size, *args)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn(fn, world_size: int, *args) -> None:
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks; re-raises a worker's
+    exception (``torch.multiprocessing.ProcessRaisedException`` carries its traceback)."""
+    port = find_free_port()
+    mp.start_processes(_entry, args=(fn, world_size, port, args), nprocs=world_size, join=True,
+                       start_method="spawn")

@@ -1,0 +1,145 @@
+"""Analytical FLOPs (rils_scale.train.flops) against torch's FlopCounterMode.
+
+The counter sees every matmul / conv / bmm the model and a stand-in loss dispatch, forward
+and backward: the two encoder passes, decoder, text tower, the three uses of
+image_projection, the contrastive logits (local form, both directions, as
+objectives/contrastive.py) and the reference KL over masked rows. The reference KL stores
+its logits, so it matches ``recon_backend="reference"``; the streaming backward recomputes
+them (``recon_recompute``), which is not model FLOPs and not in ``total``.
+Attention runs with the "math" backend: the counter has no formula for the CPU SDPA kernel.
+vit_b16 runs on the meta device (shapes only), so it costs no compute.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from rils_scale.models import build_model, get_config
+from rils_scale.ops import patch_sentence_kl_reference
+from rils_scale.train.flops import masked_patches, model_params, rils_step_flops, visible_tokens
+
+
+def stand_in_loss(out):
+    img, txt, scale = out["image_features"], out["text_features"], out["logit_scale"]
+    labels = torch.arange(img.shape[0], device=img.device)
+    clip = 0.5 * (F.cross_entropy(scale * img @ txt.T, labels) + F.cross_entropy(scale * txt @ img.T, labels))
+    mask = out["mask"]
+    b, n, e = out["student_patches"].shape
+    n_masked = int(round(float(n * 0.75))) if mask.is_meta else int(mask[0].sum())
+    idx = mask.argsort(dim=1, descending=True, stable=True)[:, :n_masked]  # the masked positions
+    idx = idx.unsqueeze(-1).expand(-1, -1, e)
+    student = torch.gather(out["student_patches"], 1, idx).reshape(-1, e)
+    teacher = torch.gather(out["teacher_patches"], 1, idx).reshape(-1, e)
+    kl = patch_sentence_kl_reference(student, teacher, txt.detach(), student_temp=0.1, teacher_temp=0.04)
+    return clip + 0.5 * kl.mean()
+
+
+def counted_flops(name: str, batch: int, device: str) -> int:
+    torch.manual_seed(0)
+    cfg = get_config(name)
+    model = build_model(cfg, attn_backend="math").to(device)
+    images = torch.randn(batch, 3, cfg.vision.image_size, cfg.vision.image_size, device=device)
+    tokens = torch.randint(1, cfg.text.vocab_size, (batch, cfg.text.context_length), device=device)
+    with FlopCounterMode(display=False) as counter:
+        stand_in_loss(model(images, tokens)).backward()
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize("name,batch,device", [("tiny", 4, "cpu"), ("vit_b16", 2, "meta")])
+def test_analytical_flops_match_flop_counter(name, batch, device):
+    cfg = get_config(name)
+    analytic = rils_step_flops(cfg, batch, batch, recon_backend="reference")
+    counted = counted_flops(name, batch, device)
+    rel = abs(analytic["total"] - counted) / counted
+    print(f"{name} B={batch}: analytical {analytic['total']:.6e}  counter {counted:.6e}  rel {rel:.2e}")
+    assert rel < 0.05
+    assert rel < 1e-3, "the formulas are exact for matmul FLOPs; a gap means the model changed"
+
+
+def test_components_vit_b16():
+    cfg = get_config("vit_b16")
+    assert visible_tokens(cfg) == 1 + 49 and masked_patches(cfg) == 147
+    f = rils_step_flops(cfg, 1, 1)
+    # one ViT-B/16 forward at 224 px is 17.56 GMACs = 35.1 GFLOPs (timm / fvcore figure)
+    assert f["unmasked_encoder"] == pytest.approx(35.13e9, rel=1e-3)
+    # masked pass on 50 tokens: about a quarter of the unmasked one
+    assert 0.24 < f["masked_encoder"] / f["unmasked_encoder"] < 0.26
+    # attention is ~4 % of the encoder at N = 197 (DESIGN §8)
+    att = 12 * 4 * 197 ** 2 * 768
+    assert 0.03 < att / f["unmasked_encoder"] < 0.05
+    # backward: 2x except the patch conv weight-only and the KL (teacher 0x, student 1x)
+    assert f["backward"] < 2 * f["forward"]
+    assert f["backward_components"]["reconstruction"] == f["reconstruction"] / 2
+
+
+def test_reconstruction_scaling_and_switches():
+    cfg = get_config("vit_b16")
+    b, g, e = 256, 32768, cfg.embed_dim
+    f = rils_step_flops(cfg, b, g)
+    p = b * 147
+    assert f["reconstruction"] == pytest.approx(2 * 2 * p * g * e)  # teacher + student products
+    # DESIGN §8: at B=256/GPU, G=32k the KL's three products (teacher, student, student
+    # gradient) are 3.8 TFLOP, 8.5 % of the step's model FLOPs
+    kl = f["reconstruction"] + f["backward_components"]["reconstruction"]
+    assert kl == pytest.approx(3 * 2 * p * g * e) and kl == pytest.approx(3.79e12, rel=1e-2)
+    assert 0.08 < kl / f["total"] < 0.09
+    half = rils_step_flops(cfg, b, g, recon_rows_fraction=0.5)
+    assert half["reconstruction"] == pytest.approx(f["reconstruction"] / 2)
+    pg = rils_step_flops(cfg, b, g, prototype_grad=True)
+    assert pg["total"] - f["total"] == pytest.approx(2 * p * g * e)
+    assert f["recon_recompute"] == pytest.approx(2 * 2 * p * g * e)
+    assert rils_step_flops(cfg, b, g, recon_backend="reference")["recon_recompute"] == 0
+
+
+def test_checkpointing_and_tensor_parallel():
+    cfg = get_config("vit_l16")
+    base = rils_step_flops(cfg, 32, 32 * 64)
+    ck = rils_step_flops(cfg, 32, 32 * 64, activation_checkpointing=True)
+    assert ck["total"] == base["total"]  # model FLOPs do not change
+    blocks = ck["recompute"]
+    assert 0.9 * base["forward"] < blocks < base["forward"]  # every block, not the loss/projections
+    tp2 = rils_step_flops(cfg, 32, 32 * 64, tensor_parallel=2)
+    assert base["total"] / 2 < tp2["total"] < 0.52 * base["total"]
+
+
+def test_model_params_match_module():
+    for name in ("tiny", "vit_b16"):
+        cfg = get_config(name)
+        model = build_model(cfg)
+        assert sum(p.numel() for p in model.parameters()) == model_params(cfg)["total"]
+    assert model_params(get_config("vit_b16"))["total"] == 157_730_049
+
+
+def test_cached_and_cheap():
+    import time
+    cfg = get_config("vit_h14")
+    t = time.perf_counter()
+    for _ in range(1000):
+        rils_step_flops(cfg, 64, 64 * 256, activation_checkpointing=True, tensor_parallel=2)
+    assert time.perf_counter() - t < 1.0
+    a = rils_step_flops(cfg, 64, 64 * 256)
+    a["total"] = -1
+    assert rils_step_flops(cfg, 64, 64 * 256)["total"] > 0  # callers get copies
+
+
+def test_hardware_peaks_and_mfu():
+    from rils_scale.train import hardware as hw
+    assert hw.peak_tflops("NVIDIA H100 80GB HBM3", "bf16") == 989.0
+    assert hw.peak_tflops("NVIDIA H100 PCIe", "bf16") == 756.0
+    assert hw.peak_tflops("NVIDIA H200", "bfloat16") == 989.0
+    assert hw.peak_tflops("NVIDIA A100-SXM4-80GB", "bf16") == 312.0
+    assert hw.peak_tflops("NVIDIA A10", "bf16") == 125.0  # not confused with A100
+    assert hw.peak_tflops("NVIDIA L40S", "bf16") == 362.05 and hw.peak_tflops("NVIDIA L4", "bf16") == 121.0
+    assert hw.peak_tflops("Tesla V100-SXM2-32GB", "fp16") == 125.0
+    assert hw.peak_tflops("Tesla V100-SXM2-32GB", "bf16") is None  # no bf16 tensor cores
+    assert hw.peak_tflops("cpu: AMD EPYC", "bf16") is None
+    with pytest.raises(ValueError):
+        hw.peak_tflops("NVIDIA H100", "int3")
+    assert hw.mfu(989e12 * 0.5, 1.0, 989.0) == pytest.approx(0.5)
+    assert hw.mfu(1e12, 1.0, None) is None
+    meter = hw.ThroughputMeter(flops_per_step=2e12, samples_per_step=64, peak_tflops=10.0)
+    m = meter.update(0.5)
+    assert m == {"step_s": 0.5, "samples_per_s": 128.0, "tflops_per_device": 4.0, "mfu": pytest.approx(0.4)}
+    assert hw.peak_memory_bytes() > 10 * 2 ** 20 and hw.device_name().startswith("cpu")

@@ -193,7 +193,8 @@ def main(argv=None):
             if "kernel_tflops" in r:
                 line += f" {r['kernel_tflops']:>8.1f} {r['mm_tflops']:>10.1f} {100 * r['kernel_tflops'] / r['mm_tflops']:>6.1f}%"
             print(line, flush=True)
-    print(f"# peak memory: {', '.join(sorted(mem_methods))}")
+    print(f"# peak memory: {', '.join(sorted(mem_methods))}; load average at the end: "
+          f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}")
     return 0
 
 

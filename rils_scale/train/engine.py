@@ -9,6 +9,7 @@ import torch.nn as nn
 
 from ..models import ParallelSpec, RILSConfig, build_model
 from ..parallel import DeepSpeedMPU, ParallelState, VocabParallelEmbedding
+from ..parallel.deepspeed_utils import check_zero_tensor_parallel_setup, zero_init_context
 from ..parallel.random import model_parallel_seed
 from .config import TrainConfig
 from .schedule import warmup_cosine
@@ -58,9 +59,10 @@ def build_engine(cfg: TrainConfig, model_cfg: RILSConfig, ds_config: dict, state
     mpu = DeepSpeedMPU(state)
     stage = zero_stage(ds_config)
     # Partition over the DP group only: TP peers hold different shards (DESIGN §7).
-    with deepspeed.zero.Init(data_parallel_group=state.dp_group, mpu=mpu, config_dict_or_path=ds_config,
-                             enabled=stage == 3):
+    with zero_init_context(state, ds_config, enabled=stage == 3):
         model = build_model(model_cfg, spec, attn_backend=cfg.attn_backend)
+    if stage == 3:
+        check_zero_tensor_parallel_setup(model, state)
 
     weight_decay = ds_config.get("optimizer", {}).get("params", {}).get("weight_decay", 0.0)
     groups = optimizer_groups(model, weight_decay)

@@ -85,12 +85,12 @@ class Trainer:
         self.world = dist.get_world_size()
         self.is_main = self.rank == 0
         # Validate everything that can be validated before any process group or compute.
-        dims = ParallelDims(self.world, cfg.tensor_parallel, cfg.sequence_parallel)
-        self.ds_config = resolve_batch_sizes(load_ds_config(cfg), dims.data_parallel)
         self.tokenizer = self._load_tokenizer()
         self.model_cfg = get_config(cfg.model, mask_ratio=cfg.mask_ratio)
         self.model_cfg.text.vocab_size = self.tokenizer.vocab_size
-        self._validate(dims)
+        self._validate()
+        dims = ParallelDims(self.world, cfg.tensor_parallel, cfg.sequence_parallel)
+        self.ds_config = resolve_batch_sizes(load_ds_config(cfg), dims.data_parallel)
 
         self.state = init_parallel_state(cfg.tensor_parallel, cfg.sequence_parallel)
         self.engine, self.spec = build_engine(cfg, self.model_cfg, self.ds_config, self.state)
@@ -118,12 +118,17 @@ class Trainer:
                              "(train one with launchers/train_tokenizer.py)")
         return Tokenizer.load(self.cfg.tokenizer)
 
-    def _validate(self, dims: ParallelDims) -> None:
+    def _validate(self) -> None:
+        """Every problem of the model x parallel layout in one message, before any compute."""
+        from ..parallel.validate import validate_parallel_config
         try:
-            from ..parallel.validate import validate_parallel_config
-        except ImportError:  # pragma: no cover - validation module ships with the package
-            return
-        validate_parallel_config(self.model_cfg, dims)
+            notes = validate_parallel_config(self.model_cfg, {
+                "world_size": self.world, "tensor_parallel": self.cfg.tensor_parallel,
+                "sequence_parallel": self.cfg.sequence_parallel})
+        except ValueError as err:
+            raise SystemExit(f"invalid configuration: {err}") from None
+        for note in notes if self.is_main else ():
+            log.info(note)
 
     def _flops_per_step(self, recon_rows_fraction: float = 1.0) -> Optional[Dict]:
         try:
@@ -322,6 +327,9 @@ class Trainer:
 
 
 def train(cfg: TrainConfig) -> None:
+    import warnings
+    # DeepSpeed 0.19 calls collectives that torch 2.14 renamed; the warning repeats every step.
+    warnings.filterwarnings("ignore", message=r".*`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     logging.basicConfig(level=logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING,
                         format="[%(asctime)s] %(name)s: %(message)s")
     Trainer(cfg).run()

@@ -1,0 +1,135 @@
+"""Run the downstream tasks on one model and format the results.
+
+``evaluate(model, data=..., train_data=..., tasks=...)`` extracts features once per split and
+hands them to the task modules (zero_shot, retrieval, linear_probe, few_shot).
+"""
+from __future__ import annotations
+
+import os
+import time
+from typing import Dict, List, Optional, Sequence
+
+from .data import Features, extract_features
+from .few_shot import DEFAULT_SEEDS, DEFAULT_SHOTS, few_shot
+from .linear_probe import linear_probe
+from .retrieval import retrieval
+from .zero_shot import DEFAULT_TEMPLATES, zero_shot
+
+TASKS = ("zero_shot", "retrieval", "linear_probe", "few_shot")
+
+
+def read_lines(path: str) -> List[str]:
+    with open(path) as f:
+        return [line.rstrip("\n") for line in f if line.strip()]
+
+
+def builtin_paths(root: str, image_size: int, dataset: str = "shapes") -> Dict[str, object]:
+    """``root/heldout`` (evaluation) and ``root/train`` of a built-in dataset, with its class names
+    and prompt templates from ``root/classes.json``. Writes the dataset (``dataset``: shapes |
+    digits) first when ``root`` holds none."""
+    import json
+    from ..data import builtin
+    if not (os.path.isdir(os.path.join(root, "heldout")) and os.path.isdir(os.path.join(root, "train"))):
+        print(f"[evaluate] writing the built-in {dataset!r} dataset to {root} (image size {image_size})", flush=True)
+        builtin.write_named_builtin(dataset, root, image_size=image_size)
+    classes = os.path.join(root, "classes.json")
+    if os.path.isfile(classes):
+        with open(classes) as f:
+            meta = json.load(f)
+        names, templates = meta["class_names"], meta["templates"]
+    else:  # written by an older make_shards.py: the digits
+        names, templates = builtin.class_names(), builtin.zero_shot_templates()
+    return {"data": os.path.join(root, "heldout"), "train_data": os.path.join(root, "train"),
+            "class_names": names, "templates": templates}
+
+
+def _class_names(test: Features, train: Optional[Features], given: Optional[Sequence[str]]) -> Optional[List[str]]:
+    if given:
+        return list(given)
+    names = dict(train.class_names) if train is not None else {}
+    names.update(test.class_names)
+    if not names or test.labels is None:
+        return None
+    labels = set(test.labels.tolist()) | (set(train.labels.tolist()) if train is not None and train.labels is not None else set())
+    if sorted(names) != list(range(max(labels) + 1)):
+        return None  # names missing for some label ids
+    return [names[i] for i in range(len(names))]
+
+
+def evaluate(model, *, data: str, train_data: Optional[str] = None, tasks: Sequence[str] = TASKS,
+             class_names: Optional[Sequence[str]] = None, templates: Optional[Sequence[str]] = None,
+             shots: Sequence[int] = DEFAULT_SHOTS, seeds: Sequence[int] = DEFAULT_SEEDS, few_shot_method: str = "ncm",
+             probe_c: Optional[float] = None, batch_size: int = 128, max_samples: int = 0,
+             max_train_samples: int = 0, log=print) -> Dict[str, object]:
+    unknown = set(tasks) - set(TASKS)
+    if unknown:
+        raise ValueError(f"unknown task(s) {sorted(unknown)}; choose from {TASKS}")
+    t0 = time.time()
+    test = extract_features(model, data, batch_size=batch_size, max_samples=max_samples,
+                            with_text="retrieval" in tasks)
+    log(f"[evaluate] {len(test)} evaluation images from {data} ({time.time() - t0:.1f}s)")
+    train = None
+    if {"linear_probe", "few_shot"} & set(tasks):
+        if not train_data:
+            raise ValueError("linear_probe and few_shot need --train-data (labelled training images)")
+        t0 = time.time()
+        train = extract_features(model, train_data, batch_size=batch_size, max_samples=max_train_samples,
+                                 with_text=False)
+        log(f"[evaluate] {len(train)} training images from {train_data} ({time.time() - t0:.1f}s)")
+    results: Dict[str, object] = {"data": data, "train_data": train_data, "num_images": len(test), "tasks": {}}
+    out = results["tasks"]
+    needs_labels = {"zero_shot", "linear_probe", "few_shot"} & set(tasks)
+    if needs_labels and test.labels is None:
+        raise ValueError(f"{data} has no labels (KEY.json 'label'), needed for {sorted(needs_labels)}")
+    for task in tasks:
+        t0 = time.time()
+        if task == "zero_shot":
+            names = _class_names(test, train, class_names)
+            if names is None:
+                raise ValueError("zero-shot needs class names: give --class-names FILE or shards whose JSON has "
+                                 "'class_name'")
+            out[task] = zero_shot(model, test.image, test.labels, names, list(templates or DEFAULT_TEMPLATES))
+        elif task == "retrieval":
+            if test.text is None or not test.captions:
+                out[task] = {"skipped": "no captions in the evaluation data (ImageFolder)"}
+                continue
+            out[task] = retrieval(test.image, test.text)
+        elif task == "linear_probe":
+            out[task] = linear_probe(train.image, train.labels, test.image, test.labels, c=probe_c)
+        elif task == "few_shot":
+            out[task] = few_shot(train.image, train.labels, test.image, test.labels, shots=shots, seeds=seeds,
+                                 method=few_shot_method)
+        out[task]["seconds"] = round(time.time() - t0, 2)
+    return results
+
+
+def format_table(results: Dict[str, object]) -> str:
+    """A readable summary: one line per metric, with chance level next to it."""
+    rows = [("task", "metric", "value", "chance")]
+    tasks = results["tasks"]
+    pct = lambda v: f"{100 * v:6.2f}%"  # noqa: E731
+    if "zero_shot" in tasks:
+        z = tasks["zero_shot"]
+        rows += [("zero-shot", f"top-1 ({z['num_classes']} classes, {z['num_templates']} prompts)", pct(z["top1"]),
+                  pct(z["chance_top1"])), ("zero-shot", "top-5", pct(z["top5"]), pct(min(1.0, 5 * z["chance_top1"])))]
+    if "retrieval" in tasks:
+        r = tasks["retrieval"]
+        if "skipped" in r:
+            rows.append(("retrieval", "skipped", r["skipped"], ""))
+        else:
+            for direction, label in (("image_to_text", "image->text"), ("text_to_image", "text->image")):
+                for k, v in r[direction].items():
+                    rows.append(("retrieval", f"{label} {k} ({r['num_pairs']} pairs)", pct(v), pct(r["chance"][k])))
+    if "linear_probe" in tasks:
+        p = tasks["linear_probe"]
+        rows.append(("linear probe", f"top-1 (C={p['C']:g}, {p['train_samples']} train)", pct(p["top1"]),
+                     pct(p["chance_top1"])))
+    if "few_shot" in tasks:
+        f = tasks["few_shot"]
+        for k, v in f["shots"].items():
+            rows.append(("k-shot", f"{k}-shot top-1 ({f['method']}, {len(f['seeds'])} seeds)",
+                         f"{100 * v['mean']:6.2f}% ± {100 * v['std']:.2f}", pct(f["chance_top1"])))
+    widths = [max(len(str(r[i])) for r in rows) for i in range(4)]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)

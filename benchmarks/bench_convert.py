@@ -104,7 +104,10 @@ def write_synthetic(out: str, cfg, tp: int, dp: int, moments: bool) -> dict:
                         "batches_consumed": 1, "skipped": {}, "model_config": cfg.to_dict(), "tensor_parallel": tp,
                         "lr_scheduler": {"last_epoch": 1}},
                        os.path.join(tag, f"zero_pp_rank_{d}_mp_rank_{t:02d}_model_states.pt"))
-            flat = [torch.randn(n) for n in per_group]
+            # Seeded by the DP rank only: TP peers get identical flats, so replicated parameters agree
+            # across TP (the converter checks it); values are otherwise irrelevant here.
+            gen = torch.Generator().manual_seed(d)
+            flat = [torch.randn(n, generator=gen) for n in per_group]
             state = {i: {"step": torch.tensor(1.0), "exp_avg": torch.zeros(n), "exp_avg_sq": torch.zeros(n)}
                      for i, n in enumerate(per_group)} if moments else {}
             torch.save({"optimizer_state_dict": {"zero_stage": 3, "partition_count": dp, "fp32_flat_groups": flat,

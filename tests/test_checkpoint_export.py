@@ -208,11 +208,12 @@ def test_corrupted_replicated_parameter_is_named(run, tmp_path):
     path = ckpt.files.optim_files[1][0]
     state = torch.load(path, map_location="cpu", weights_only=False)  # our own test file
     groups = state["optimizer_state_dict"]["fp32_flat_groups"]
-    for g in groups:
-        if offset < g.numel():
-            g[offset] += 0.5
-            break
-        offset -= g.numel()
+    with torch.no_grad():
+        for g in groups:
+            if offset < g.numel():
+                g[offset] += 0.5
+                break
+            offset -= g.numel()
     torch.save(state, path)
     with pytest.raises(ReplicaMismatchError, match=r"visual\.norm\.weight.*TP rank 1"):
         consolidate(str(copy))

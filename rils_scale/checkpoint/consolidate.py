@@ -141,7 +141,6 @@ class _Zero12Reader(_RankReader):
             for pi, (name, shape) in enumerate(group.items()):
                 self._where[name] = (gi, offset)
                 offset += shape.numel() + (paddings[gi][pi] if paddings is not None else 0)
-        self._partition_sizes = [[p.numel() for p in first["single_partition_of_fp32_groups"]]]
 
     def shapes(self):
         return self._shapes

@@ -10,8 +10,10 @@ checkpoint was written for:
 2. the optimizer's fp32 master copy of each parameter is set with
    ``deepspeed.utils.safe_set_full_fp32_param`` (otherwise the next step would overwrite the
    loaded weights with the stale masters of the fresh initialisation);
-3. step, samples, skip counters and the LR-scheduler state are restored; Adam moments stay
-   at their fresh zero state (the converter does not carry them; docs/checkpoints.md).
+3. step, samples, skip counters and the LR schedule's *position* are restored; the LR values
+   follow this run's config (its ``--lr``, warm-up and decay: a conversion is a natural point to
+   change them), not the source run's ``base_lrs``. Adam moments stay at their fresh zero state
+   (the converter does not carry them; docs/checkpoints.md).
 
 Every rank reads the file of its own TP rank.
 """
@@ -79,14 +81,27 @@ def load_weights_only_checkpoint(engine, checkpoints_dir: str, tp_rank: int, tp_
                 safe_set_full_fp32_param(p, values[n].to(device=p.device, dtype=torch.float32))
 
     client = dict(meta.get("client_state", {}))
-    sched_state = meta.get("lr_scheduler")
-    if sched_state and engine.lr_scheduler is not None:
-        engine.lr_scheduler.load_state_dict(sched_state)
-        for group, lr in zip(engine.optimizer.param_groups, engine.lr_scheduler.get_last_lr()):
-            group["lr"] = lr
+    _restore_schedule_position(engine, meta.get("lr_scheduler"), int(client.get("step", 0)))
     # The optimizer itself (Adam moments and their step count) stays exactly as in a fresh run.
     step = int(client.get("step", 0))
     engine.global_steps = step
     engine.global_samples = int(client.get("batches_consumed", step)) * engine.train_micro_batch_size_per_gpu() \
         * getattr(engine, "dp_world_size", 1)
     return tag_dir, client
+
+
+def _restore_schedule_position(engine, state: Optional[dict], step: int) -> None:
+    """Put the LR scheduler at the checkpoint's position, with this run's base LRs."""
+    sched = engine.lr_scheduler
+    if sched is None:
+        return
+    last_epoch = int(state.get("last_epoch", step)) if state else step
+    sched.last_epoch = last_epoch
+    sched._step_count = int(state.get("_step_count", last_epoch + 1)) if state else last_epoch + 1
+    if hasattr(sched, "lr_lambdas"):  # LambdaLR (rils_scale.train.schedule): closed form
+        lrs = [base * fn(last_epoch) for base, fn in zip(sched.base_lrs, sched.lr_lambdas)]
+    else:
+        lrs = sched.get_last_lr()
+    for group, lr in zip(engine.optimizer.param_groups, lrs):
+        group["lr"] = lr
+    sched._last_lr = list(lrs)

@@ -11,7 +11,7 @@ argmax-sentence map over the image (legend below) and one heat map per sentence.
 from __future__ import annotations
 
 import textwrap
-from typing import List, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch

@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..parallel.layers import initialized_tensor, normal_init
 from .config import RILSConfig
 from .text import TextEncoder
 from .transformer import ParallelSpec
@@ -24,7 +25,7 @@ class Projection(nn.Module):
 
     def __init__(self, in_features: int, out_features: int):
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(in_features, out_features).normal_(std=in_features ** -0.5))
+        self.weight = nn.Parameter(initialized_tensor((in_features, out_features), normal_init(in_features ** -0.5)))
 
     def forward(self, x):
         return x @ self.weight

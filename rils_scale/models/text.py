@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..parallel.layers import VocabParallelEmbedding, normal_init
+from ..parallel.layers import VocabParallelEmbedding, initialized_tensor, normal_init
 from .config import TextConfig
 from .transformer import BlockInit, ParallelSpec, Transformer
 
@@ -18,7 +18,7 @@ class TextEncoder(nn.Module):
         self.cfg = cfg
         self.token_embedding = VocabParallelEmbedding(cfg.vocab_size, cfg.width, tp_group=spec.tp_group,
                                                       init_method=normal_init(0.02))
-        self.positional_embedding = nn.Parameter(torch.empty(cfg.context_length, cfg.width).normal_(std=0.01))
+        self.positional_embedding = nn.Parameter(initialized_tensor((cfg.context_length, cfg.width), normal_init(0.01)))
         self.transformer = Transformer(cfg.width, cfg.depth, cfg.heads, cfg.mlp_hidden, spec,
                                        eps=cfg.layer_norm_eps, qkv_bias="qkv", causal=True, dropout=dropout,
                                        init=BlockInit.clip_text(cfg.width, cfg.depth), attn_backend=attn_backend)

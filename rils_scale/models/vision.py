@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..parallel.layers import ColumnParallelLinear
+from ..parallel.layers import ColumnParallelLinear, initialized_tensor, normal_init, xavier_uniform
 from .config import VisionConfig
 from .transformer import ParallelSpec, Transformer
 
@@ -37,8 +37,7 @@ class PatchEmbed(nn.Module):
     def __init__(self, patch_size: int, in_chans: int, dim: int):
         super().__init__()
         self.patch_size = patch_size
-        w = torch.empty(dim, in_chans * patch_size * patch_size)
-        nn.init.xavier_uniform_(w)
+        w = initialized_tensor((dim, in_chans * patch_size * patch_size), xavier_uniform)
         self.weight = nn.Parameter(w.view(dim, in_chans, patch_size, patch_size))
         self.bias = nn.Parameter(torch.zeros(dim))
 
@@ -81,7 +80,7 @@ class VisionEncoder(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.patch_embed = PatchEmbed(cfg.patch_size, 3, cfg.width)
-        self.cls_token = nn.Parameter(torch.empty(1, 1, cfg.width).normal_(std=0.02))
+        self.cls_token = nn.Parameter(initialized_tensor((1, 1, cfg.width), normal_init(0.02)))
         self.register_buffer("pos_embed", sincos_2d_position_embedding(cfg.width, cfg.grid_size)[None],
                              persistent=False)
         self.transformer = Transformer(cfg.width, cfg.depth, cfg.heads, cfg.mlp_hidden, spec,
@@ -111,7 +110,7 @@ class RILSDecoder(nn.Module):
         super().__init__()
         dim = cfg.width  # "one transformer block as wide as the encoder"
         self.embed = ColumnParallelLinear(cfg.width, dim)
-        self.mask_token = nn.Parameter(torch.empty(1, 1, dim).normal_(std=0.02))
+        self.mask_token = nn.Parameter(initialized_tensor((1, 1, dim), normal_init(0.02)))
         self.register_buffer("pos_embed", sincos_2d_position_embedding(dim, cfg.grid_size)[None],
                              persistent=False)
         self.transformer = Transformer(dim, cfg.decoder_depth, cfg.heads, cfg.mlp_hidden, spec,

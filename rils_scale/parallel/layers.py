@@ -33,6 +33,20 @@ from .mappings import (
 InitMethod = Callable[[torch.Tensor], torch.Tensor]
 
 
+def initialized_tensor(shape, init_method: "InitMethod") -> torch.Tensor:
+    """A float32 CPU tensor filled by ``init_method`` from the default CPU generator.
+
+    Every weight of the model is drawn through here, so a model draws the same numbers
+    whatever the device, the TP size and the precision: under ``deepspeed.zero.Init`` tensor
+    constructors return the config's dtype (bf16) on the accelerator, and a bf16 tensor's
+    ``uniform_`` consumes the generator differently from an fp32 one. ``.float()`` undoes
+    that before drawing; ZeRO casts the parameter afterwards.
+    """
+    full = torch.empty(tuple(shape), dtype=torch.float32, device="cpu").float().cpu()
+    init_method(full)
+    return full
+
+
 def xavier_uniform(w: torch.Tensor) -> torch.Tensor:
     return nn.init.xavier_uniform_(w)
 
@@ -70,8 +84,7 @@ def shard_of(full: torch.Tensor, dim: int, group, stride: int = 1) -> torch.Tens
 
 
 def _sharded_parameter(shape, init_method: InitMethod, dim: int, group, stride: int = 1) -> nn.Parameter:
-    full = torch.empty(shape, dtype=torch.float32)
-    init_method(full)
+    full = initialized_tensor(shape, init_method)
     param = nn.Parameter(shard_of(full, dim, group, stride))
     if _size(group) > 1:
         set_tensor_parallel_attributes(param, dim, stride)
@@ -207,8 +220,7 @@ class VocabParallelEmbedding(nn.Module):
         tp = _size(tp_group)
         self.num_embeddings, self.embedding_dim, self.tp_group = num_embeddings, embedding_dim, tp_group
         self.padded_num_embeddings = padded_vocab_size(num_embeddings, tp)
-        full = torch.empty(num_embeddings, embedding_dim, dtype=torch.float32, device="cpu")
-        init_method(full)  # draw exactly as a TP = 1 table does
+        full = initialized_tensor((num_embeddings, embedding_dim), init_method)  # as a TP = 1 table
         per = self.padded_num_embeddings // tp
         self.vocab_start = _rank(tp_group) * per
         self.vocab_end = self.vocab_start + per

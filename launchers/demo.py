@@ -47,10 +47,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _has_gpu() -> bool:
+    import shutil
+    return shutil.which("nvidia-smi") is not None
+
+
 def run(cmd, title):
     print(f"\n==> {title}\n$ {' '.join(shlex.quote(c) for c in cmd)}", flush=True)
     t0 = time.time()
-    proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if not _has_gpu():
+        env.setdefault("DS_ACCELERATOR", "cpu")  # say it, rather than have every rank warn about it
+    proc = subprocess.run(cmd, cwd=REPO, env=env)
     if proc.returncode != 0:
         raise SystemExit(f"demo step failed ({title}): exit status {proc.returncode}")
     return time.time() - t0
@@ -75,7 +83,8 @@ def main(argv=None) -> int:
         timings["tokenizer"] = run([py, "launchers/train_tokenizer.py", "--input", os.path.join(data, "train"),
                                     "--vocab-size", "256", "--output", tok], "2/6 SentencePiece tokenizer")
     timings["pretrain"] = run([
-        "deepspeed", "--master_port", str(_free_port()), "--num_gpus", str(args.ranks), "launchers/pretrain.py",
+        "deepspeed", "--log_level", "warning", "--master_port", str(_free_port()), "--num_gpus", str(args.ranks),
+        "launchers/pretrain.py",
         "--ds_config", args.ds_config, "--model", "tiny", "--train-data", os.path.join(data, "train"),
         "--tokenizer", tok + ".model", "--output-dir", run_dir, "--max-steps", str(args.steps),
         "--warmup-steps", str(max(1, args.steps // 10)), "--lr", str(args.lr), "--weight-decay", "0.1",
@@ -88,20 +97,24 @@ def main(argv=None) -> int:
     timings["evaluate"] = run([py, "launchers/evaluate.py", "--model", exported, "--builtin", data,
                                "--output", results_path], "5/6 held-out evaluation")
     maps = os.path.join(out, "patch_sentence_maps.png")
-    timings["visualize"] = run([py, "launchers/visualize.py", "--model", exported, "--builtin", data,
-                                "--num-images", "4", "--output", maps], "6/6 patch-sentence maps")
+    timings["visualize"] = run([py, "launchers/visualize.py", "--model", exported, "--shards",
+                                os.path.join(data, "heldout"), "--num", "4", "--output", maps],
+                               "6/6 patch-sentence maps")
 
     with open(results_path) as f:
-        results = json.load(f)
+        results = json.load(f)  # launchers/evaluate.py's JSON (docs/evaluation.md)
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         metrics = [json.loads(line) for line in f if line.strip()]
-    zs = results["zeroshot"]
+    tasks = results["tasks"]
+    zs = tasks["zero_shot"]
     summary = {
         "dataset": args.dataset, "model": "tiny", "steps": metrics[-1]["step"], "ranks": args.ranks,
-        "zeroshot_top1": zs["top1"], "zeroshot_top5": zs.get("top5"), "chance": zs["chance"],
+        "zeroshot_top1": zs["top1"], "zeroshot_top5": zs.get("top5"), "chance": zs["chance_top1"],
         "num_classes": zs["num_classes"], "num_heldout": zs["num_images"],
-        "retrieval_image_to_text_r1": results.get("retrieval", {}).get("image_to_text", {}).get("R@1"),
-        "linear_probe_top1": results.get("linear_probe", {}).get("top1"),
+        "retrieval_image_to_text_r1": tasks.get("retrieval", {}).get("image_to_text", {}).get("R@1"),
+        "retrieval_chance_r1": tasks.get("retrieval", {}).get("chance", {}).get("R@1"),
+        "linear_probe_top1": tasks.get("linear_probe", {}).get("top1"),
+        "kshot_16_top1": tasks.get("few_shot", {}).get("shots", {}).get("16", {}).get("mean"),
         "final_loss": metrics[-1]["loss"], "first_loss": metrics[0]["loss"],
         "final_clip_acc": metrics[-1]["clip_acc"], "samples_per_s": metrics[-1]["samples_per_s"],
         "seconds": {k: round(v, 1) for k, v in timings.items()},
@@ -110,19 +123,18 @@ def main(argv=None) -> int:
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
 
-    rows = [("zero-shot top-1", zs["top1"]), ("zero-shot top-5", zs.get("top5")), ("chance", zs["chance"])]
-    if summary["retrieval_image_to_text_r1"] is not None:
-        rows.append(("image->text R@1", summary["retrieval_image_to_text_r1"]))
-    if summary["linear_probe_top1"] is not None:
-        rows.append(("linear probe top-1", summary["linear_probe_top1"]))
+    rows = [("zero-shot top-1", zs["top1"], zs["chance_top1"]), ("zero-shot top-5", zs.get("top5"), min(1.0, 5 / zs["num_classes"])),
+            ("image->text R@1", summary["retrieval_image_to_text_r1"], summary["retrieval_chance_r1"]),
+            ("linear probe top-1", summary["linear_probe_top1"], zs["chance_top1"]),
+            ("16-shot top-1", summary["kshot_16_top1"], zs["chance_top1"])]
     print(f"\nheld-out evaluation of the demo model ({summary['num_classes']} classes, "
           f"{summary['num_heldout']} images, {summary['steps']} steps)")
-    print(f"{'metric':<22}{'value':>8}")
-    for name, value in rows:
+    print(f"{'metric':<22}{'value':>8}{'chance':>9}")
+    for name, value, chance in rows:
         if value is not None:
-            print(f"{name:<22}{value:>8.3f}")
+            print(f"{name:<22}{value:>8.3f}{'' if chance is None else f'{chance:9.3f}'}")
     print(f"\ntraining loss {summary['first_loss']:.3f} -> {summary['final_loss']:.3f}; "
-          f"zero-shot is {zs['top1'] / zs['chance']:.1f}x chance")
+          f"zero-shot is {zs['top1'] / zs['chance_top1']:.1f}x chance")
     print(f"summary: {os.path.join(out, 'summary.json')}\npatch-sentence maps: {maps}\n"
           f"TensorBoard: tensorboard --logdir {run_dir}/tensorboard")
     return 0

@@ -247,3 +247,95 @@ def test_cuda_teacher_gets_no_gradient():
     T.requires_grad_()
     patch_sentence_kl(s, t, T, student_temp=TAU_S, teacher_temp=TAU_T, backend="cuda").sum().backward()
     assert t.grad is None and s.grad is not None and T.grad is not None
+
+
+# ------------------------------------------------------------------------------------------------
+# streaming full-row path: forward-computed gradients, uniform-g fast path and its fallback
+# ------------------------------------------------------------------------------------------------
+import importlib  # noqa: E402
+
+_psk = importlib.import_module("rils_scale.ops.patch_sentence_kl")  # the module (the package exports a function)
+
+
+def _full_row(block_p=None):
+    return lambda *a, **k: patch_sentence_kl_streaming(*a, block_p=block_p, **k)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("block_p", [None, 7])
+def test_full_row_uniform_grad_fast_path(dtype, block_p, monkeypatch):
+    """sum / mean / zero-weighted zero rows (TP padding): g is uniform on the non-zero student rows, so
+    both gradients come from forward (no recomputation: _chunked_grads must not run)."""
+    P, M, D = 40, 301, 24
+    s, t, T = _inputs(P, M, D, dtype, seed=21)
+    s[-3:] = 0  # padding rows, weight 0
+    t[-3:] = 0
+    wdt = torch.float64 if dtype == torch.float64 else torch.float32
+
+    def boom(*a, **k):
+        raise AssertionError("fast path not taken")
+
+    monkeypatch.setattr(_psk, "_uniform_hint", [True])
+    monkeypatch.setattr(_psk, "_chunked_grads", boom)
+    for w in (torch.ones(P, dtype=torch.float64), torch.full((P,), 1.0 / P, dtype=torch.float64),
+              torch.cat([torch.full((P - 3,), 0.37, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)])):
+        ref = _oracle(s, t, T, w)
+        got = _fwd_bwd(_full_row(block_p), s, t, T, w.to(wdt))
+        tol = 1e-9 if dtype == torch.float64 else TOL[dtype]
+        _assert_close(got[0], ref[0], tol, "loss")
+        _assert_close(got[1], ref[1], tol, "d_student")
+        _assert_close(got[2], ref[2], tol, "d_prototypes")
+        assert got[4].grad.dtype == dtype and got[5].grad.dtype == dtype
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("hint", [True, False])
+def test_full_row_nonuniform_grad_falls_back(dtype, hint, monkeypatch):
+    """Non-uniform g: dPrototypes is recomputed (whether or not forward speculated on a uniform g)."""
+    s, t, T = _inputs(33, 130, 16, dtype, seed=23)
+    w = torch.rand(33, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    w[5] = 0.0
+    monkeypatch.setattr(_psk, "_uniform_hint", [hint])
+    ref = _oracle(s, t, T, w)
+    got = _fwd_bwd(_full_row(8), s, t, T, w.to(dtype))
+    tol = 1e-9 if dtype == torch.float64 else TOL[dtype]
+    for i, what in enumerate(("loss", "d_student", "d_prototypes")):
+        _assert_close(got[i], ref[i], tol, what)
+    assert _psk._uniform_hint[0] is False
+    got = _fwd_bwd(_full_row(8), s, t, T, torch.ones(33, dtype=dtype))  # hint False, uniform g: recompute
+    ref = _oracle(s, t, T, torch.ones(33, dtype=torch.float64))
+    for i, what in enumerate(("loss", "d_student", "d_prototypes")):
+        _assert_close(got[i], ref[i], tol, what)
+    assert _psk._uniform_hint[0] is True
+
+
+def test_full_row_gradcheck_and_retain_graph():
+    s, t, T = _inputs(6, 11, 5, torch.float64, seed=7)
+    s.requires_grad_()
+    T.requires_grad_()
+    kw = dict(student_temp=TAU_S, teacher_temp=TAU_T, block_p=4)
+    # The first backward scales the forward's gradient buffers in place, a repeated backward (gradcheck's
+    # reentrancy check) recomputes them: equal up to summation order, hence nondet_tol.
+    assert torch.autograd.gradcheck(lambda s_: patch_sentence_kl_streaming(s_, t, T.detach(), **kw), (s,),
+                                    eps=1e-6, atol=1e-7, rtol=1e-5, nondet_tol=1e-12)
+    t0 = torch.zeros_like(t)
+    assert torch.autograd.gradcheck(lambda s_, T_: patch_sentence_kl_streaming(s_, t0, T_, **kw), (s, T),
+                                    eps=1e-6, atol=1e-7, rtol=1e-5, nondet_tol=1e-12)
+    # a second backward through the same graph (the first one consumed the forward's buffers)
+    loss = patch_sentence_kl_streaming(s, t, T, **kw).sum()
+    g1 = torch.autograd.grad(loss, (s, T), retain_graph=True)
+    g2 = torch.autograd.grad(loss, (s, T))
+    for x, y in zip(g1, g2):
+        _assert_close(x, y, 1e-12, "second backward")
+
+
+def test_full_row_over_budget_uses_m_chunks(monkeypatch):
+    """When one row of logits exceeds the budget the M-chunked online path runs (same results)."""
+    monkeypatch.setattr(_psk, "_FULLROW_BUDGET", {"cpu": 64, "cuda": 64})
+    assert _psk._full_row_rows(torch.device("cpu"), 10, 100, 4, None) == 0
+    s, t, T = _inputs(19, 100, 8, torch.float32, seed=3)
+    w = torch.rand(19, dtype=torch.float64)
+    ref = _oracle(s, t, T, w)
+    got = _fwd_bwd(_full_row(), s, t, T, w.float())
+    for i, what in enumerate(("loss", "d_student", "d_prototypes")):
+        _assert_close(got[i], ref[i], 1e-4, what)

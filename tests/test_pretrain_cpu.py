@@ -82,7 +82,7 @@ def test_zero3_two_ranks_train_log_checkpoint_and_resume_exactly(data, tmp_path)
     rows = _metrics(full)
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
     for key in ("loss", "clip_loss", "recon_loss", "clip_acc", "lr", "samples_per_s", "data_wait_s",
-                "recon_keep_frac", "logit_scale", "tflops_per_device"):
+                "recon_keep_frac", "logit_scale", "tflops_per_device", "mfu", "peak_mem_gb"):
         assert all(isinstance(r[key], float) for r in rows), key
     # bad samples were skipped and counted (summed over the 2 DP ranks), not fatal
     last = rows[-1]
@@ -94,7 +94,11 @@ def test_zero3_two_ranks_train_log_checkpoint_and_resume_exactly(data, tmp_path)
     assert (ckpt / "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt").exists()
     config = json.loads((full / "config.json").read_text())
     assert config["parallel"]["data_parallel"] == 2 and config["parallel"]["zero_stage"] == 3
-    assert list((full / "tensorboard").iterdir())
+    assert 0 < last["mfu"] < 1.5  # against this CPU's measured matmul rate
+    events = list((full / "tensorboard").iterdir())
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    tags = EventAccumulator(str(events[0].parent)).Reload().Tags()["scalars"]
+    assert {"train/loss", "train/mfu", "train/tflops_per_device", "train/skipped_samples"} <= set(tags)
 
     # Same schedule, stopped after 3 steps (as on a preemptible cluster), then resumed.
     part = tmp_path / "part"

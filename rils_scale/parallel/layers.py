@@ -42,6 +42,8 @@ def initialized_tensor(shape, init_method: "InitMethod") -> torch.Tensor:
     ``uniform_`` consumes the generator differently from an fp32 one. ``.float()`` undoes
     that before drawing; ZeRO casts the parameter afterwards.
     """
+    if torch.empty(0).device.type == "meta":  # building on the meta device: shapes only
+        return torch.empty(tuple(shape), dtype=torch.float32)
     full = torch.empty(tuple(shape), dtype=torch.float32, device="cpu").float().cpu()
     init_method(full)
     return full

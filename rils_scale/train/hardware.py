@@ -233,3 +233,23 @@ def rss_high_water_bytes() -> int:
     except OSError:
         pass
     return peak_memory_bytes("cpu")
+
+
+def measured_matmul_tflops(dtype=None, size: int = 1024, seconds: float = 0.3) -> float:
+    """This device's dense matmul rate, measured: the MFU denominator for CPUs (no datasheet
+    peak applies to a shared VM). Square ``size`` GEMMs for about ``seconds``; best rate kept."""
+    import time
+
+    import torch
+    dtype = dtype or torch.float32
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    best, start = 0.0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        best = max(best, 2 * size ** 3 / (time.perf_counter() - t0) / 1e12)
+    return best

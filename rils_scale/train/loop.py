@@ -309,14 +309,27 @@ class Trainer:
         # Count the reconstruction rows actually computed (the retrieval filter drops rows).
         flops = self._flops_per_step(keep_fraction)["total"] * self.grad_accum
         out["tflops_per_device"] = flops / step_time / 1e12
-        try:
-            from .hardware import device_name, peak_tflops
-            peak = self.cfg.peak_tflops or peak_tflops(device_name(), "bf16" if self.dtype != torch.float32 else "fp32")
-        except Exception:
-            peak = self.cfg.peak_tflops
+        peak = self._peak_tflops()
         if peak:
             out["mfu"] = out["tflops_per_device"] / peak
+            out["peak_tflops"] = peak
         return out
+
+    def _peak_tflops(self) -> Optional[float]:
+        """--peak-tflops, else the datasheet table, else (CPUs, unknown GPUs) this device's
+        measured matmul rate, decided once per run and announced."""
+        if not hasattr(self, "_peak"):
+            from .hardware import device_name, measured_matmul_tflops, peak_tflops
+            name = device_name()
+            peak, source = self.cfg.peak_tflops, "--peak-tflops"
+            if not peak:
+                peak, source = peak_tflops(name, "bf16" if self.dtype != torch.float32 else "fp32"), "datasheet"
+            if not peak:
+                peak, source = measured_matmul_tflops(self.dtype), "measured matmul rate"
+            self._peak = peak
+            if self.is_main:
+                print(f"[rils_scale] MFU denominator: {peak:.3f} TFLOP/s per device ({source}, {name})", flush=True)
+        return self._peak
 
     def _visualize(self, logger: MetricsLogger) -> None:
         try:

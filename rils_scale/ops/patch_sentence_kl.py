@@ -14,10 +14,12 @@ Backends (``backend=``):
 
 * ``"reference"`` -- :func:`patch_sentence_kl_reference`, the naive form that materialises the
   ``P x M`` matrices. Test oracle and benchmark baseline only.
-* ``"streaming"`` -- :class:`_StreamingKL`, plain PyTorch on any device: online softmax over
-  tiles of ``block_p x block_m`` logits; forward keeps five scalars per row (two running maxima,
-  two running sums of exponentials and ``sum exp(a) (a - b)``), backward recomputes the tiles from
-  the two saved log-sum-exps. Never holds more than a few tiles.
+* ``"streaming"`` -- :class:`_StreamingKL`, plain PyTorch on any device. With gradients: full-row
+  blocks (the exponentials of ``rows x M`` logits within a fixed budget), exact per-row softmax and
+  the gradient products in forward; backward only rescales (recomputing dPrototypes only when the
+  upstream gradient is not uniform). Otherwise online softmax over tiles of ``block_p x block_m``
+  logits; forward keeps five scalars per row (two running maxima, two running sums of exponentials
+  and ``sum exp(a) (a - b)``), backward recomputes the tiles from the two saved log-sum-exps.
 * ``"cuda"`` -- :class:`_CudaKL`, the fused extension in ``kernels/`` (see ``_extension.py``).
 * ``"auto"`` -- ``cuda`` for CUDA tensors when the extension loads and passed its first-use
   self-check on that device, else ``streaming`` (one warning says why when CUDA tensors could not

@@ -75,3 +75,16 @@ def test_cli_parses_every_field():
     with pytest.raises(SystemExit):
         parse_args(["--mask-strategy", "everything"])
     assert math.isclose(parse_args([]).recon_weight, 0.5)
+
+
+def test_data_wait_watchdog_reports_a_stall(capsys):
+    import time
+    from rils_scale.train.loop import DataWaitWatchdog
+    with DataWaitWatchdog(rank=3, interval=0.05):
+        time.sleep(0.18)
+    out = capsys.readouterr().out
+    assert "rank 3: still waiting for data" in out and out.count("still waiting") >= 2
+    with DataWaitWatchdog(rank=0, interval=0.5):
+        pass
+    time.sleep(0.6)
+    assert "still waiting" not in capsys.readouterr().out

@@ -28,6 +28,8 @@ class TrainConfig:
     """Samples in the shuffle buffer of each worker."""
     resampled: bool = False
     """Draw shards with replacement (multi-node: no epoch boundaries, no shard-count limit)."""
+    data_wait_warning_s: float = 60.0
+    """Warn every this many seconds while a rank waits for a batch (0: never)."""
     # --- optimisation (batch sizes and optimizer hyper-parameters live in the DeepSpeed config)
     max_steps: int = 1000
     """Optimizer steps of the whole schedule."""

@@ -6,6 +6,7 @@ import logging
 import os
 import shutil
 import signal
+import threading
 import time
 from typing import Dict, Optional
 
@@ -46,6 +47,35 @@ class StopRequest:
         if dist.is_initialized():
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item() > 0)
+
+
+class DataWaitWatchdog:
+    """Says so, every ``interval`` seconds, while a rank waits for its next batch: a stalled
+    loader (an unreachable pipe: URL, a dead NFS mount) shows in the log instead of a silent hang."""
+
+    def __init__(self, rank: int, interval: float):
+        self.rank, self.interval, self.timer, self.start = rank, interval, None, 0.0
+
+    def _warn(self):
+        waited = time.perf_counter() - self.start
+        print(f"[rils_scale] rank {self.rank}: still waiting for data after {waited:.0f}s "
+              "(check the shards, the workers and the storage)", flush=True)
+        self._arm()
+
+    def _arm(self):
+        self.timer = threading.Timer(self.interval, self._warn)
+        self.timer.daemon = True
+        self.timer.start()
+
+    def __enter__(self):
+        self.start = time.perf_counter()
+        if self.interval > 0:
+            self._arm()
+        return self
+
+    def __exit__(self, *exc):
+        if self.timer is not None:
+            self.timer.cancel()
 
 
 def mask_generator(seed: int, dp_rank: int, micro_step: int) -> torch.Generator:
@@ -221,7 +251,8 @@ class Trainer:
         wait = 0.0
         for _ in range(self.grad_accum):
             t0 = time.perf_counter()
-            batch = next(batches)
+            with DataWaitWatchdog(self.rank, self.cfg.data_wait_warning_s):
+                batch = next(batches)
             wait += time.perf_counter() - t0
             merge_skips(self.skipped, batch.get("skipped"))
             images = batch["images"].to(self.device, self.dtype, non_blocking=True)

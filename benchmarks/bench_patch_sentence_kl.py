@@ -6,7 +6,8 @@ Every (case, backend) runs in a fresh subprocess so that peak memory is attribut
     allowed, the ru_maxrss delta is used, and the table says so);
   * CUDA: torch.cuda.max_memory_allocated() minus the allocation before the call.
 Time is the best of ``--repeat`` runs after that first one. Student and prototypes both require
-grad (the heavier case) unless ``--student-only``; the upstream gradient is a random per-row weight.
+grad (the heavier case) unless ``--student-only``; the upstream gradient is uniform, as the training
+objective sends it (``--upstream random`` uses random per-row weights, a stress case).
 
 On CUDA the script also times a bf16 ``torch.mm`` of shape [P, D] x [D, M] on the same device in
 the same run and reports the fused kernel's rate: "useful" FLOPs = 4 products of 2*P*M*D (two
@@ -64,7 +65,9 @@ def worker(args) -> dict:
     s = F.normalize(torch.randn(P, D, device=dev, generator=g), dim=-1).to(dtype).requires_grad_()
     t = F.normalize(torch.randn(P, D, device=dev, generator=g), dim=-1).to(dtype)
     T = F.normalize(torch.randn(M, D, device=dev, generator=g), dim=-1).to(dtype).requires_grad_(not args.student_only)
-    w = torch.rand(P, device=dev, generator=g)
+    # Upstream gradient: what training sends (the objective sums the rows: uniform) or a random
+    # per-row weight (a stress case: dPrototypes then cannot be formed in forward).
+    w = torch.rand(P, device=dev, generator=g) if args.upstream == "random" else torch.ones(P, device=dev)
 
     def step():
         s.grad = None
@@ -131,7 +134,8 @@ def worker(args) -> dict:
 def run_case(case, backend, args) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--_worker", "--device", args.device, "--threads",
            str(args.threads), "--dtype", args.dtype, "--repeat", str(args.repeat), "--backends", backend,
-           "--grid", ",".join(map(str, case))] + (["--student-only"] if args.student_only else [])
+           "--grid", ",".join(map(str, case)), "--upstream", args.upstream] + (
+        ["--student-only"] if args.student_only else [])
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     r = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if r.returncode:
@@ -154,6 +158,9 @@ def main(argv=None):
     ap.add_argument("--repeat", type=int, default=None, help="timed runs after the first (default 2 CPU, 10 CUDA)")
     ap.add_argument("--student-only", action="store_true",
                     help="prototypes do not require grad (the paper's default: no KL gradient to the text tower)")
+    ap.add_argument("--upstream", choices=("uniform", "random"), default="uniform",
+                    help="upstream gradient of the per-row KL: uniform (the training objective sums rows) or "
+                         "random per-row weights (stress case)")
     ap.add_argument("--_worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
@@ -168,7 +175,8 @@ def main(argv=None):
     backends = args.backends.split(",") if args.backends else (
         ["reference", "streaming", "cuda"] if args.device == "cuda" else ["reference", "streaming"])
     print(f"# patch_sentence_kl fwd+bwd, device={args.device}, dtype={args.dtype}, threads={args.threads}, "
-          f"grads: student{'' if args.student_only else ' + prototypes'}, best of {args.repeat}; "
+          f"grads: student{'' if args.student_only else ' + prototypes'}, upstream {args.upstream}, "
+          f"best of {args.repeat}; "
           f"{time.strftime('%Y-%m-%d %H:%M')}")
     hdr = f"{'P':>6} {'M':>6} {'D':>4}  {'backend':<10} {'time s':>8} {'peak MiB':>9} {'time/naive':>10} {'mem/naive':>9}"
     if args.device == "cuda":

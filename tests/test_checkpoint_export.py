@@ -48,11 +48,12 @@ def _common(data, out, *extra):
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     from rils_scale.data.builtin import write_named_builtin
-    from rils_scale.data.tokenizer_training import train_tokenizer
     root = tmp_path_factory.mktemp("export")
     write_named_builtin("shapes", root / "shapes", image_size=32)
-    tok = train_tokenizer(sorted(str(p) for p in (root / "shapes" / "train").glob("*.tar")), str(root / "tok"),
-                          vocab_size=256)
+    subprocess.run([sys.executable, os.path.join(REPO, "launchers", "train_tokenizer.py"), "--input",
+                    str(root / "shapes" / "train"), "--vocab-size", "256", "--output", str(root / "tok")],
+                   check=True, capture_output=True)
+    tok = str(root / "tok.model")
     data = {"root": root, "builtin": str(root / "shapes"), "train": str(root / "shapes" / "train"), "tokenizer": tok}
     out = root / "tp2"
     _deepspeed(_common(data, out, "--tensor-parallel", "2", "--max-steps", str(STEPS), "--micro-batch-size", "32",

@@ -47,15 +47,13 @@ def _write_bad_shard(path):
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     from rils_scale.data.scenes import write_scenes_dataset
-    from rils_scale.data.tokenizer_training import train_tokenizer
     root = tmp_path_factory.mktemp("pretrain")
     write_scenes_dataset(root / "shapes", num_train=192, num_heldout=16, shard_size=64)
     _write_bad_shard(root / "shapes" / "train" / "00099.tar")
-    captions = []
-    for shard in sorted((root / "shapes" / "train").glob("0000*.tar")):
-        with tarfile.open(shard) as tar:
-            captions += [tar.extractfile(m).read().decode() for m in tar.getmembers() if m.name.endswith(".txt")]
-    tok = train_tokenizer(captions, str(root / "tok"), vocab_size=200)
+    subprocess.run([sys.executable, os.path.join(REPO, "launchers", "train_tokenizer.py"), "--input",
+                    str(root / "shapes" / "train"), "--vocab-size", "128", "--output", str(root / "tok")],
+                   check=True, capture_output=True)
+    tok = str(root / "tok.model")
     return {"train": str(root / "shapes" / "train"), "tokenizer": tok, "root": root}
 
 

@@ -81,7 +81,7 @@ def test_data_wait_watchdog_reports_a_stall(capsys):
     import time
     from rils_scale.train.loop import DataWaitWatchdog
     with DataWaitWatchdog(rank=3, interval=0.05):
-        time.sleep(0.18)
+        time.sleep(0.35)
     out = capsys.readouterr().out
     assert "rank 3: still waiting for data" in out and out.count("still waiting") >= 2
     with DataWaitWatchdog(rank=0, interval=0.5):

@@ -256,3 +256,31 @@ def test_checkpoint_replays_tracker_and_default_rng():
         grads.append((y.detach(), x.grad, lin.weight.grad.clone()))
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-14, atol=0)
+
+
+def _b16_worker(rank, world, result_path):
+    """ViT-B/16 at TP=2 (12 vision heads, 8 text heads, 3072 MLP units split in two) against
+    TP=1 from the same seed: the public faces agree on one image and one caption."""
+    torch.set_num_threads(1)
+    state = init_parallel_state(tensor_parallel=world)
+    cfg = get_config("vit_b16")
+    cfg.text.vocab_size = 5003  # odd: the vocab-parallel table is padded
+    images, ids = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0)), \
+        torch.tensor([[2] + list(range(10, 30)) + [3] + [0] * 55])
+    results = {}
+    for name, group in (("tp1", None), ("tp2", state.tp_group)):
+        model_parallel_seed(SEED, state.tp_rank if group is not None else 0, world if group is not None else 1)
+        model = build_model(cfg, ParallelSpec(tp_group=group)).eval()
+        with torch.no_grad():
+            results[name] = (model.encode_image(images), model.encode_text(ids))
+        del model
+    for a, b in zip(results["tp1"], results["tp2"]):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+    if rank == 0:
+        torch.save(results["tp2"], result_path)
+
+
+def test_vit_b16_runs_with_tp2_and_matches_tp1(tmp_path):
+    spawn(_b16_worker, 2, str(tmp_path / "b16.pt"))
+    image, text = torch.load(tmp_path / "b16.pt")
+    assert image.shape == (1, 512) and text.shape == (1, 512) and torch.isfinite(image).all()

@@ -128,10 +128,8 @@ def test_text_tower_pools_end_of_text_and_is_causal():
     ids = torch.zeros(1, cfg.text.context_length, dtype=torch.long)
     ids[0, :4] = torch.tensor([1, 50, 60, 2])
     base = model.encode_text(ids)
-    changed = ids.clone()
-    changed[0, 6] = 77  # a token after end-of-text (and after padding) must not matter... as a pad it is not
-    changed[0, 6] = 0
-    torch.testing.assert_close(model.encode_text(changed), base)
+    shorter = ids[:, :8]  # fewer trailing pads: causal attention and end-of-text pooling ignore them
+    torch.testing.assert_close(model.encode_text(shorter), base)
     later = ids.clone()
     later[0, 4:6] = torch.tensor([70, 2])  # longer caption -> pooled at the new end
     assert not torch.allclose(model.encode_text(later), base)

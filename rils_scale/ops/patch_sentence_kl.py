@@ -73,6 +73,16 @@ def _default_blocks(device: torch.device, P: int, M: int) -> tuple[int, int]:
     return min(P, 256) or 1, min(M, 1024)
 
 
+def _stage_rows(X, te, st, p0, p1, alpha_t, alpha_s):
+    """Rows p0:p1 of teacher and student stacked in ``X`` (teacher first), upcast to the compute
+    dtype, then scaled by their log2-prescaled inverse temperatures: one GEMM gives both logits."""
+    n = p1 - p0
+    x = X[: 2 * n]
+    x[:n].copy_(te[p0:p1]).mul_(alpha_t)
+    x[n:].copy_(st[p0:p1]).mul_(alpha_s)
+    return x
+
+
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
@@ -156,9 +166,7 @@ def _full_row_forward(st, te, T, alpha_s, alpha_t, rows, chunk, need_s, want_dt)
     for p0 in range(0, P, rows):
         p1 = min(P, p0 + rows)
         n = p1 - p0
-        x = X[: 2 * n]
-        x[:n].copy_(te[p0:p1]).mul_(alpha_t)             # upcast first, scale in the compute dtype
-        x[n:].copy_(st[p0:p1]).mul_(alpha_s)
+        x = _stage_rows(X, te, st, p0, p1, alpha_t, alpha_s)
         m = torch.full((2 * n,), -math.inf, dtype=cdt, device=dev)   # [:n] teacher, [n:] student
         s = torch.zeros(2 * n, dtype=cdt, device=dev)
         u = torch.zeros(n, dtype=cdt, device=dev)
@@ -262,9 +270,7 @@ class _StreamingKL(torch.autograd.Function):
         for p0 in range(0, P, bp):
             p1 = min(P, p0 + bp)
             n = p1 - p0
-            x = X[: 2 * n]
-            x[:n].copy_(te[p0:p1]).mul_(alpha_t)         # upcast first, scale in the compute dtype
-            x[n:].copy_(st[p0:p1]).mul_(alpha_s)
+            x = _stage_rows(X, te, st, p0, p1, alpha_t, alpha_s)
             m_a = torch.full((n,), -math.inf, dtype=cdt, device=dev)
             m_b = torch.full((n,), -math.inf, dtype=cdt, device=dev)
             s_a = torch.zeros(n, dtype=cdt, device=dev)

@@ -131,7 +131,6 @@ def build_parser() -> argparse.ArgumentParser:
             continue
         typ = {"int": int, "float": float, "str": str, "Optional[int]": int, "Optional[float]": float}[str(f.type)]
         parser.add_argument(*names, type=typ, default=f.default, **kw)
-    parser.set_defaults(**{})
     return parser
 
 

@@ -279,7 +279,6 @@ class Trainer:
         out = {k: v / dp for k, v in out.items()}
         out["recon_loss"] = recon
         out["loss"] = out["clip_loss"] + self.cfg.recon_weight * recon
-        out["data_wait_s"] = out["data_wait_s"]
         return out
 
     def run(self) -> None:

@@ -80,11 +80,6 @@ def write_json(path: str, obj) -> None:
     os.replace(tmp, path)
 
 
-def read_jsonl(path: str):
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 def merge_skips(total: Dict[str, int], new: Optional[Dict[str, int]]) -> Dict[str, int]:
     for k, v in (new or {}).items():
         total[k] = total.get(k, 0) + int(v)

@@ -254,7 +254,7 @@ def test_cuda_teacher_gets_no_gradient():
 # ------------------------------------------------------------------------------------------------
 import importlib  # noqa: E402
 
-_psk = importlib.import_module("rils_scale.ops.patch_sentence_kl")  # the module (the package exports a function)
+_psk = importlib.import_module("rils_scale.ops.kl_streaming")
 
 
 def _full_row(block_p=None):

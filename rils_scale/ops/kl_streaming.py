@@ -13,7 +13,7 @@ import math
 
 import torch
 
-__all__ = ["patch_sentence_kl_streaming", "patch_sentence_kl_streaming_chunked"]
+__all__ = ["patch_sentence_kl_streaming", "patch_sentence_kl_streaming_chunked", "mm_f32", "use_lp_gemm"]
 
 _LOG2E = 1.0 / math.log(2.0)
 _LN2 = math.log(2.0)
@@ -52,6 +52,7 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 # column chunks of _FULLROW_CHUNK so they run from L2. CUDA: 256 MiB.
 _FULLROW_BUDGET = {"cpu": 16 * 2**20, "cuda": 256 * 2**20}
 _FULLROW_CHUNK = 1024
+_CUDA_CHUNK = 4096   # column chunk of the full-row path on CUDA (was M: one fp32 chunk of width M)
 # Whether the last full-row backward that needed dPrototypes saw a "uniform" upstream gradient
 # (see _StreamingKL.backward). Only a speed hint: it decides whether the forward speculatively
 # computes the unweighted dPrototypes; the result is exact either way.
@@ -204,7 +205,7 @@ class _StreamingKL(torch.autograd.Function):
         ctx.track_hint = grad_enabled and need_t and full_rows > 0
         if grad_enabled and (need_s or need_t) and full_rows > 0 and (not need_t or _uniform_hint[0]):
             loss, lse_a, lse_b, d_dir, d_tu = _full_row_forward(st, te, T, alpha_s, alpha_t, full_rows,
-                                                                _FULLROW_CHUNK if dev.type == "cpu" else M,
+                                                                _FULLROW_CHUNK if dev.type == "cpu" else _CUDA_CHUNK,
                                                                 need_s, need_t)
             ctx.save_for_backward(student, teacher, prototypes, lse_a, lse_b)
             # Not saved tensors: backward scales them in place and returns them as the gradients.
@@ -332,6 +333,9 @@ def patch_sentence_kl_streaming(student, teacher, prototypes, *, student_temp: f
     """Streaming backend (see :class:`_StreamingKL`). ``block_m`` forces the M-chunked path with tiles of
     ``block_p x block_m``; without it, ``block_p`` is the row block of the full-row path."""
     P, M = student.shape[0], prototypes.shape[0]
+    if block_p is None and block_m is None and use_lp_gemm(student):
+        return _LowPrecisionKL.apply(student, teacher, prototypes, float(student_temp), float(teacher_temp),
+                                     *_lp_blocks(student.device, P, M))
     dp, dm = _default_blocks(student.device, P, M)
     # Full-row path unless the caller asked for M tiles (block_m) or one row exceeds the budget;
     # there ``block_p`` (if given) is the number of rows per block.
@@ -349,3 +353,112 @@ def patch_sentence_kl_streaming_chunked(student, teacher, prototypes, *, student
     _, dm = _default_blocks(student.device, P, M)
     return patch_sentence_kl_streaming(student, teacher, prototypes, student_temp=student_temp,
                                        teacher_temp=teacher_temp, block_m=dm)
+
+
+# --------------------------------------------------------------------------------------------
+# bf16 / fp16 on CUDA: tensor-core GEMMs with fp32 outputs over blocked M
+# --------------------------------------------------------------------------------------------
+# Tests set this to run the low-precision path on CPU (its GEMMs are then fp32 on the same rounded
+# operands, which is what a bf16 x bf16 -> fp32 tensor-core GEMM computes up to summation order).
+FORCE_LP_GEMM = [False]
+_mm_dtype_ok = [True]
+
+
+def use_lp_gemm(x: torch.Tensor) -> bool:
+    return x.dtype in (torch.bfloat16, torch.float16) and (x.device.type == "cuda" or FORCE_LP_GEMM[0])
+
+
+def mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` with an fp32 result: on CUDA a bf16/fp16 tensor-core GEMM with fp32 output (cuBLAS,
+    ``torch.mm(..., out_dtype=float32)``); elsewhere fp32 GEMM on the (already rounded) operands."""
+    if a.device.type == "cuda" and a.dtype in (torch.bfloat16, torch.float16) and _mm_dtype_ok[0]:
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except (RuntimeError, TypeError):   # older torch: no mm.dtype overload
+            _mm_dtype_ok[0] = False
+    if a.device.type == "cuda" and a.dtype in (torch.bfloat16, torch.float16):
+        return torch.mm(a, b).float()       # bf16 output: only without mm.dtype (torch < 2.8)
+    return torch.mm(a.float(), b.float())
+
+
+def _lp_blocks(device: torch.device, P: int, M: int) -> tuple[int, int]:
+    """(rows, columns) per tile: 4096 x 4096 on CUDA (fp32 logit tile of both halves: 128 MiB)."""
+    if device.type == "cuda":
+        return min(P, 4096) or 1, min(M, 4096)
+    return min(P, 256) or 1, min(M, 1024)
+
+
+class _LowPrecisionKL(torch.autograd.Function):
+    """M-chunked online form whose products all run in the input dtype with fp32 accumulation/output:
+    logits ``[2n, w] = mm_f32([teacher; student]_blk, T_blk^T)`` scaled per row by log2(e)/tau in fp32
+    (scaling the bf16 inputs instead would round the logits to 8 bits); backward recomputes the tile,
+    forms ``G = (p - q) g / tau_s`` in fp32, rounds it to the input dtype and accumulates
+    ``dS_blk += G T_blk``, ``dT_blk += G^T S_blk`` in fp32. 2 + 2 + 2 products (2 + 2 + 1 student only)."""
+
+    @staticmethod
+    def forward(ctx, student, teacher, prototypes, student_temp, teacher_temp, bp, bm):
+        P, M = student.shape[0], prototypes.shape[0]
+        dt = student.dtype
+        st = student.detach().contiguous()
+        te = teacher.detach().to(dt).contiguous()
+        T = prototypes.detach().to(dt).contiguous()
+        dev = st.device
+        alpha_s, alpha_t = _LOG2E / student_temp, _LOG2E / teacher_temp
+        loss = torch.empty(P, dtype=torch.float32, device=dev)
+        lse_a = torch.empty(P, dtype=torch.float32, device=dev)
+        lse_b = torch.empty(P, dtype=torch.float32, device=dev)
+        for p0 in range(0, P, bp):
+            p1 = min(P, p0 + bp)
+            n = p1 - p0
+            x = torch.cat([te[p0:p1], st[p0:p1]])
+            scale = torch.cat([torch.full((n, 1), alpha_t, device=dev), torch.full((n, 1), alpha_s, device=dev)])
+            m = torch.full((2 * n,), -math.inf, device=dev)
+            s = torch.zeros(2 * n, device=dev)
+            u = torch.zeros(n, device=dev)
+            for m0 in range(0, M, bm):
+                ab = mm_f32(x, T[m0:min(M, m0 + bm)].T).mul_(scale)
+                d = ab[:n] - ab[n:]
+                new_m = torch.maximum(m, ab.amax(dim=1))
+                corr = torch.exp2(m - new_m)
+                ab.sub_(new_m[:, None]).exp2_()
+                s.mul_(corr).add_(ab.sum(dim=1))
+                u.mul_(corr[:n]).add_(d.mul_(ab[:n]).sum(dim=1))
+                m = new_m
+            lse = m + torch.log2(s)
+            lse_a[p0:p1], lse_b[p0:p1] = lse[:n], lse[n:]
+            loss[p0:p1] = (u / s[:n] - lse[:n] + lse[n:]) * _LN2
+        ctx.save_for_backward(st, te, T, lse_a, lse_b)
+        ctx.cfg = (student_temp, teacher_temp, bp, bm, student.dtype, prototypes.dtype)
+        return loss
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        st, te, T, lse_a, lse_b = ctx.saved_tensors
+        student_temp, teacher_temp, bp, bm, s_dtype, t_dtype = ctx.cfg
+        need_s, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
+        if not (need_s or need_t):
+            return (None,) * 7
+        P, D = st.shape
+        M = T.shape[0]
+        dev = st.device
+        gs = grad.float().reshape(P) / student_temp
+        alpha_s, alpha_t = _LOG2E / student_temp, _LOG2E / teacher_temp
+        d_s = torch.zeros(P, D, device=dev) if need_s else None
+        d_t = torch.zeros(M, D, device=dev) if need_t else None
+        for p0 in range(0, P, bp):
+            p1 = min(P, p0 + bp)
+            n = p1 - p0
+            x = torch.cat([te[p0:p1], st[p0:p1]])
+            scale = torch.cat([torch.full((n, 1), alpha_t, device=dev), torch.full((n, 1), alpha_s, device=dev)])
+            shift = torch.cat([lse_a[p0:p1], lse_b[p0:p1]])[:, None]
+            for m0 in range(0, M, bm):
+                m1 = min(M, m0 + bm)
+                qp = mm_f32(x, T[m0:m1].T).mul_(scale).sub_(shift).exp2_()   # rows [:n] q, [n:] p
+                G = qp[n:].sub_(qp[:n]).mul_(gs[p0:p1, None]).to(st.dtype)
+                if need_s:
+                    d_s[p0:p1] += mm_f32(G, T[m0:m1])
+                if need_t:
+                    d_t[m0:m1] += mm_f32(G.T, st[p0:p1])
+        return (d_s.to(s_dtype) if need_s else None, None, d_t.to(t_dtype) if need_t else None,
+                None, None, None, None)

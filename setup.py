@@ -12,13 +12,20 @@ ext_modules, cmdclass = [], {}
 if os.environ.get("RILS_BUILD_CUDA_EXT", "0") == "1":
     from torch.utils.cpp_extension import BuildExtension, CUDAExtension
 
+    import importlib.util  # load _extension.py by path: importing the package would import all of it
+    _spec = importlib.util.spec_from_file_location("_rils_ext", os.path.join("rils_scale", "ops", "_extension.py"))
+    _ext = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(_ext)
+    stamp_defines = _ext.stamp_defines  # source hash + archs, checked when the module is loaded
+    _archs = os.environ.get("RILS_CUDA_ARCHS", "80;90")
     ext_modules = [CUDAExtension(
+        define_macros=stamp_defines(_archs.split(";")),
         name="rils_scale_kernels",
         sources=["kernels/patch_sentence_kl.cpp", "kernels/patch_sentence_kl_kernel.cu"],
         # C++20: torch >= 2.10 headers require it. Archs: "80;90" unless RILS_CUDA_ARCHS says otherwise.
         extra_compile_args={"cxx": ["-O3", "-std=c++20"],
                             "nvcc": ["-O3", "--use_fast_math", "-lineinfo", "-std=c++20"] + [
-                                f for arch in os.environ.get("RILS_CUDA_ARCHS", "80;90").split(";")
+                                f for arch in _archs.split(";")
                                 for f in ("-gencode", f"arch=compute_{arch},code=sm_{arch}")]},
     )]
     cmdclass = {"build_ext": BuildExtension}

@@ -69,8 +69,23 @@ std::vector<at::Tensor> backward(const at::Tensor& grad, const at::Tensor& stude
 
 }  // namespace
 
+// Build stamp (set by rils_scale/ops/_extension.py and setup.py): the loader refuses a module whose
+// sources or target archs do not match the tree it runs with.
+// Both are bare tokens (-DRILS_SOURCE_HASH=96cc0608..., -DRILS_CUDA_ARCHS=80_90), stringified here, so
+// no build system has to carry quotes through a shell.
+#ifndef RILS_SOURCE_HASH
+#define RILS_SOURCE_HASH unknown
+#endif
+#ifndef RILS_CUDA_ARCHS
+#define RILS_CUDA_ARCHS unknown
+#endif
+#define RILS_STR2(x) #x
+#define RILS_STR(x) RILS_STR2(x)
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "rils_scale fused patch-sentence KL (online softmax over prototypes, no P x M tensor in memory)";
+  m.attr("source_hash") = RILS_STR(RILS_SOURCE_HASH);
+  m.attr("cuda_archs") = RILS_STR(RILS_CUDA_ARCHS);
   m.def("forward", &forward, "loss, lse2_a, lse2_b = forward(student, teacher, prototypes, 1/tau_s, 1/tau_t)",
         pybind11::arg("student"), pybind11::arg("teacher"), pybind11::arg("prototypes"), pybind11::arg("inv_tau_s"),
         pybind11::arg("inv_tau_t"));

@@ -1,9 +1,14 @@
-"""Loader for the fused CUDA extension ``rils_scale_kernels`` (sources in ``kernels/``).
+"""Loader and builder of the fused CUDA extension ``rils_scale_kernels`` (sources in ``kernels/``).
 
-Order: (1) the prebuilt module from ``RILS_BUILD_CUDA_EXT=1 pip install -e .``; (2) a JIT build
-with ``torch.utils.cpp_extension.load`` into a cache directory (``$RILS_KERNELS_CACHE`` or torch's
-default extensions dir), on first use, for the archs in ``$RILS_CUDA_ARCHS`` (default: the current
-device's). Failures are remembered (``load_error()``) so callers can fall back and say why.
+Order: (1) the prebuilt module from ``RILS_BUILD_CUDA_EXT=1 pip install -e .``, used only when its
+build stamp matches: ``source_hash`` (of the files in ``kernels/``) equal to this tree's, and
+``cuda_archs`` containing a binary for the device (same major, minor <= the device's); a stale or
+wrong-arch module is refused with the reason. (2) A JIT build with ``torch.utils.cpp_extension.load``
+into a node-local cache directory keyed by GPU arch, torch, CUDA, Python and source hash
+(``$RILS_KERNELS_CACHE/<key>``, default ``$TMPDIR/rils_scale_<user>/kernels/<key>``), after
+:func:`check_toolchain` has confirmed nvcc, the CUDA headers, a host compiler and ninja (a clear
+message instead of a minute-long build that fails). Failures are remembered (``load_error()``).
+``python -m rils_scale.ops.build_kernels`` runs (2) ahead of time, once per node (Slurm launcher).
 
 ``compile_only()`` compiles and links the sources without loading them (the CI check on a
 machine with nvcc and a CUDA build of torch, but no GPU).
@@ -11,6 +16,8 @@ machine with nvcc and a CUDA build of torch, but no GPU).
 from __future__ import annotations
 
 import os
+import getpass
+import hashlib
 import shutil
 import subprocess
 import sys
@@ -63,6 +70,75 @@ def cuda_home() -> str | None:
     return None
 
 
+def source_hash() -> str:
+    """sha256 (16 hex digits) of the kernel sources: the build stamp a prebuilt module must carry."""
+    h = hashlib.sha256()
+    for name in SOURCES:
+        h.update(name.encode())
+        h.update((KERNELS_DIR / name).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def stamp_defines(archs: list[str]) -> list[tuple[str, str]]:
+    """Preprocessor defines that stamp a build with the source hash and its target archs, as bare
+    tokens (``80_90``) that the C++ side stringifies: no quoting through shells or ninja."""
+    return [("RILS_SOURCE_HASH", source_hash()),
+            ("RILS_CUDA_ARCHS", "_".join(a.replace(".", "").strip() for a in archs if a.strip()))]
+
+
+def check_toolchain(jit: bool = True) -> str | None:
+    """None when a build can start, else what is missing (checked before any compiler runs)."""
+    import torch
+    if torch.version.cuda is None:
+        return "torch is a CPU-only build (torch.version.cuda is None)"
+    home = cuda_home()
+    if home is None:
+        return ("no CUDA toolkit: nvcc and cuda_runtime.h not found under $CUDA_HOME, $CUDA_PATH or "
+                "/usr/local/cuda (install the CUDA toolkit matching torch's CUDA "
+                f"{torch.version.cuda}, or set CUDA_HOME)")
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        return f"no host C++ compiler ({os.environ.get('CXX', 'c++')}) on PATH"
+    if jit and shutil.which("ninja") is None:
+        return "ninja not found on PATH (pip install ninja): torch's JIT build needs it"
+    return None
+
+
+def arch_ok(stamped: str, major: int, minor: int) -> bool:
+    """Whether a module built for ``stamped`` ("80_90") has SASS that runs on sm_<major><minor>."""
+    for a in stamped.replace(";", "_").split("_"):
+        a = a.strip().rstrip("a")
+        if a.isdigit() and int(a) // 10 == major and int(a) % 10 <= minor:
+            return True
+    return False
+
+
+def stamp_problem(mod, capability: tuple[int, int] | None) -> str | None:
+    """Why a prebuilt module must not be used (None: it may)."""
+    got = getattr(mod, "source_hash", None)
+    if got != source_hash():
+        return f"prebuilt {MODULE_NAME} is stale (source hash {got!r}, tree {source_hash()!r}): rebuild it"
+    archs = getattr(mod, "cuda_archs", "")
+    if capability is not None and not arch_ok(archs, *capability):
+        return f"prebuilt {MODULE_NAME} has no binary for sm_{capability[0]}{capability[1]} (built for {archs!r})"
+    return None
+
+
+def jit_cache_dir(archs: list[str]) -> Path:
+    """Node-local JIT build directory, one per (archs, torch, CUDA, Python, sources)."""
+    import torch
+    key = "-".join(["sm" + "_".join(a.replace(".", "") for a in archs), f"torch{torch.__version__}",
+                    f"cu{torch.version.cuda}", f"py{sys.version_info.major}{sys.version_info.minor}", source_hash()])
+    key = key.replace("+", "_").replace("/", "_")
+    root = os.environ.get("RILS_KERNELS_CACHE")
+    if not root:
+        try:
+            user = getpass.getuser()
+        except Exception:  # noqa: BLE001
+            user = str(os.getuid())
+        root = os.path.join(tempfile.gettempdir(), f"rils_scale_{user}", "kernels")
+    return Path(root) / key
+
+
 def load_error() -> str | None:
     """Why the extension could not be loaded (None if it loaded or was not tried)."""
     return _error
@@ -75,33 +151,53 @@ def load_extension(raise_on_error: bool = False):
         if not _tried:
             _tried = True
             try:
-                import rils_scale_kernels as mod  # prebuilt by setup.py
-                _module = mod
-            except ImportError as e_pre:
-                try:
-                    _module = _jit_load()
-                except Exception as e:  # noqa: BLE001
-                    _error = f"no prebuilt {MODULE_NAME} ({e_pre}); JIT build failed: {type(e).__name__}: {e}"
+                _module = _load()
+            except Exception as e:  # noqa: BLE001
+                _error = f"{type(e).__name__}: {e}"
     if _module is None and raise_on_error:
         raise RuntimeError(f"{BUILD_HELP}\nReason: {_error}")
     return _module
 
 
-def _jit_load():
+def _load():
     import torch
-    from torch.utils.cpp_extension import load, CUDA_HOME
-    if not torch.cuda.is_available():
-        raise RuntimeError("no CUDA device for a JIT build")
-    if CUDA_HOME is None or shutil.which("ninja") is None:
-        raise RuntimeError("JIT build needs CUDA_HOME (nvcc) and ninja")
-    major, minor = torch.cuda.get_device_capability()
-    archs = _archs_from_env([f"{major}{minor}"])
-    build_dir = os.environ.get("RILS_KERNELS_CACHE")
-    if build_dir:
-        os.makedirs(build_dir, exist_ok=True)
+    cap = torch.cuda.get_device_capability() if torch.cuda.is_available() else None
+    try:
+        import rils_scale_kernels as mod  # prebuilt by setup.py
+    except ImportError as e:
+        why_prebuilt = f"no prebuilt {MODULE_NAME} ({e})"
+    else:
+        why_prebuilt = stamp_problem(mod, cap)
+        if why_prebuilt is None:
+            return mod
+    try:
+        return jit_build()
+    except Exception as e:  # noqa: BLE001
+        raise RuntimeError(f"{why_prebuilt}; JIT build failed: {type(e).__name__}: {e}") from e
+
+
+def jit_build(archs: list[str] | None = None, verbose: bool = False):
+    """JIT-compile (or load from the node-local cache) and import the extension for ``archs``
+    (default ``$RILS_CUDA_ARCHS`` or the current device's)."""
+    import torch
+    from torch.utils.cpp_extension import load
+    problem = check_toolchain(jit=True)
+    if problem:
+        raise RuntimeError(f"cannot build the fused kernel: {problem}")
+    if archs is None:
+        if not torch.cuda.is_available():
+            raise RuntimeError("no CUDA device to take the arch from: set RILS_CUDA_ARCHS (e.g. '90')")
+        major, minor = torch.cuda.get_device_capability()
+        archs = _archs_from_env([f"{major}{minor}"])
+    build_dir = jit_cache_dir(archs)
+    build_dir.mkdir(parents=True, exist_ok=True)
+    defs = [f"-D{k}={v}" for k, v in stamp_defines(archs)]
+    from torch.utils import cpp_extension as ce
+    ce.CUDA_HOME = cuda_home()     # torch fixed its guess at import; use the toolkit check_toolchain found
+    os.environ.setdefault("CUDA_HOME", ce.CUDA_HOME)
     return load(name=MODULE_NAME, sources=[str(KERNELS_DIR / s) for s in SOURCES],
-                extra_cflags=["-O3"], extra_cuda_cflags=NVCC_FLAGS + _gencode(archs),
-                build_directory=build_dir, verbose=False)
+                extra_cflags=["-O3", CXX_STD, *defs], extra_cuda_cflags=NVCC_FLAGS + [CXX_STD] + _gencode(archs),
+                build_directory=str(build_dir), verbose=verbose)
 
 
 def compile_only(out_dir: str | os.PathLike | None = None, archs: list[str] | None = None,
@@ -112,9 +208,10 @@ def compile_only(out_dir: str | os.PathLike | None = None, archs: list[str] | No
     the compiler output on failure."""
     import torch
     from torch.utils import cpp_extension as ce
+    problem = check_toolchain(jit=False)
+    if problem:
+        raise RuntimeError(f"cannot build the fused kernel: {problem}")
     home = cuda_home()
-    if home is None:
-        raise RuntimeError("CUDA toolkit not found: set CUDA_HOME=/usr/local/cuda")
     nvcc = os.path.join(home, "bin", "nvcc")
     archs = archs or _archs_from_env(["90"])
     out = Path(out_dir or tempfile.mkdtemp(prefix="rils_kernels_"))
@@ -122,7 +219,8 @@ def compile_only(out_dir: str | os.PathLike | None = None, archs: list[str] | No
     inc = ([f"-I{p}" for p in ce.include_paths(device_type="cpu")] + [f"-I{home}/include"]
            + [f"-I{sysconfig.get_paths()['include']}"])
     abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
-    defs = [f"-DTORCH_EXTENSION_NAME={MODULE_NAME}", "-DTORCH_API_INCLUDE_EXTENSION_H", abi]
+    defs = [f"-DTORCH_EXTENSION_NAME={MODULE_NAME}", "-DTORCH_API_INCLUDE_EXTENSION_H", abi] + [
+        f"-D{k}={v}" for k, v in stamp_defines(archs)]
     cxx = os.environ.get("CXX", "c++")
     timings = {}
 

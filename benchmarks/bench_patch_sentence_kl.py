@@ -9,11 +9,12 @@ Time is the best of ``--repeat`` runs after that first one. Student and prototyp
 grad (the heavier case) unless ``--student-only``; the upstream gradient is uniform, as the training
 objective sends it (``--upstream random`` uses random per-row weights, a stress case).
 
-On CUDA the script also times a bf16 ``torch.mm`` of shape [P, D] x [D, M] on the same device in
-the same run and reports the fused kernel's rate: "useful" FLOPs = 4 products of 2*P*M*D (two
-logit products in forward, the dStudent and dPrototypes products in backward; the kernel's
-recomputation of the logits in backward -- 4 more products -- is not counted, as in FlashAttention),
-as TFLOP/s and as % of the matmul rate.
+Rates count EXECUTED FLOPs (rils_scale/ops/kl_flops.py): per backend the GEMM-sized products it
+really runs, recomputation included (FlashAttention's convention), each 2*P*M*D; e.g. forward 2
+logit products, a recomputing backward 2 more + the two gradient products (1 without prototype
+gradients). The "model" rate counts the minimum (2 + 1 + 1) for comparison. On CUDA the script also
+times a [P, D] x [D, M] ``torch.mm`` in the run's dtype on the same device and reports the executed
+rate as % of it. All backends run side by side (each in its own subprocess).
 
 Examples:
   python benchmarks/bench_patch_sentence_kl.py --device cpu --threads 2 --grid 8192,16384,256
@@ -29,6 +30,7 @@ import subprocess
 import sys
 import time
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CPU_GRID = [(8192, 16384, 256)]
 CPU_QUICK = [(1024, 2048, 128), (2048, 4096, 256)]
 CUDA_GRID = [(8192, 16384, 256), (37632, 32768, 512)]
@@ -115,9 +117,15 @@ def worker(args) -> dict:
         sync()
         times.append(time.perf_counter() - t0)
     out["time_s"] = min(times)
-    if dev.type == "cuda" and args.backend != "reference":
-        a = torch.randn(P, D, device=dev, dtype=torch.bfloat16)
-        b = torch.randn(D, M, device=dev, dtype=torch.bfloat16)
+    from rils_scale.ops.kl_flops import executed_products, gemm_flops, model_products
+    need_t = not args.student_only
+    out["executed_products"] = executed_products(args.backend, P, M, D, True, need_t, device=dev.type,
+                                                 dtype=args.dtype, uniform_g=args.upstream == "uniform")
+    out["executed_tflops"] = out["executed_products"] * gemm_flops(P, M, D) / out["time_s"] / 1e12
+    out["model_tflops"] = model_products(True, need_t) * gemm_flops(P, M, D) / out["time_s"] / 1e12
+    if dev.type == "cuda":
+        a = torch.randn(P, D, device=dev, dtype=dtype)
+        b = torch.randn(D, M, device=dev, dtype=dtype)
         for _ in range(3):
             torch.mm(a, b)
         sync()
@@ -127,7 +135,6 @@ def worker(args) -> dict:
         sync()
         mm_s = (time.perf_counter() - t0) / n
         out["mm_tflops"] = 2 * P * M * D / mm_s / 1e12
-        out["kernel_tflops"] = 4 * 2 * P * M * D / out["time_s"] / 1e12
     return out
 
 
@@ -137,7 +144,12 @@ def run_case(case, backend, args) -> dict:
            "--grid", ",".join(map(str, case)), "--upstream", args.upstream] + (
         ["--student-only"] if args.student_only else [])
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    # the worker must import THIS tree's rils_scale whatever the caller's sys.path
+    env["PYTHONPATH"] = os.pathsep.join([REPO] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.case_timeout_s)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {args.case_timeout_s} s"}
     if r.returncode:
         return {"error": (r.stderr.strip().splitlines() or ["?"])[-1]}
     return json.loads(r.stdout.strip().splitlines()[-1])
@@ -154,13 +166,16 @@ def main(argv=None):
     ap.add_argument("--grid", default=None, help="cases 'P,M,D;P,M,D' (default: a preset per device)")
     ap.add_argument("--quick", action="store_true", help="small preset grid")
     ap.add_argument("--dtype", default=None, help="float32 (CPU default) | bfloat16 (CUDA default) | float16")
-    ap.add_argument("--backends", default=None, help="comma list (default: reference,streaming[,cuda])")
+    ap.add_argument("--backends", default=None,
+                    help="comma list (default CPU: reference,streaming,streaming_chunked; CUDA: also triton,hybrid,cuda)")
     ap.add_argument("--repeat", type=int, default=None, help="timed runs after the first (default 2 CPU, 10 CUDA)")
     ap.add_argument("--student-only", action="store_true",
                     help="prototypes do not require grad (the paper's default: no KL gradient to the text tower)")
     ap.add_argument("--upstream", choices=("uniform", "random"), default="uniform",
                     help="upstream gradient of the per-row KL: uniform (the training objective sums rows) or "
                          "random per-row weights (stress case)")
+    ap.add_argument("--json", default=None, help="also write the results (one list of dicts) to this file")
+    ap.add_argument("--case-timeout-s", type=float, default=None, help="time limit per (case, backend) subprocess")
     ap.add_argument("--_worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
@@ -173,22 +188,30 @@ def main(argv=None):
     grid = _parse_grid(args.grid) if args.grid else (
         (CUDA_QUICK if args.quick else CUDA_GRID) if args.device == "cuda" else (CPU_QUICK if args.quick else CPU_GRID))
     backends = args.backends.split(",") if args.backends else (
-        ["reference", "streaming", "cuda"] if args.device == "cuda" else ["reference", "streaming"])
+        ["reference", "streaming", "streaming_chunked", "hybrid", "triton", "cuda"] if args.device == "cuda"
+        else ["reference", "streaming", "streaming_chunked"])
     print(f"# patch_sentence_kl fwd+bwd, device={args.device}, dtype={args.dtype}, threads={args.threads}, "
           f"grads: student{'' if args.student_only else ' + prototypes'}, upstream {args.upstream}, "
           f"best of {args.repeat}; "
           f"{time.strftime('%Y-%m-%d %H:%M')}")
-    hdr = f"{'P':>6} {'M':>6} {'D':>4}  {'backend':<10} {'time s':>8} {'peak MiB':>9} {'time/naive':>10} {'mem/naive':>9}"
+    hdr = (f"{'P':>6} {'M':>6} {'D':>4}  {'backend':<17} {'time s':>8} {'peak MiB':>9} {'time/naive':>10} "
+           f"{'mem/naive':>9} {'products':>8} {'exec TFLOP/s':>12} {'model TFLOP/s':>13}")
     if args.device == "cuda":
-        hdr += f" {'TFLOP/s':>8} {'mm TFLOP/s':>10} {'% of mm':>7}"
+        hdr += f" {'mm TFLOP/s':>10} {'exec % of mm':>12}"
     print(hdr)
     mem_methods = set()
+    results = []
     for case in grid:
         base = None
         for be in backends:
             r = run_case(case, be, args)
             P, M, D = case
-            line = f"{P:>6} {M:>6} {D:>4}  {be:<10} "
+            results.append(dict(r, P=P, M=M, D=D, backend=be, dtype=args.dtype, device=args.device,
+                                student_only=args.student_only, upstream=args.upstream))
+            if args.json:
+                with open(args.json, "w") as f:
+                    json.dump(results, f, indent=1)
+            line = f"{P:>6} {M:>6} {D:>4}  {be:<17} "
             if "error" in r or r.get("oom"):
                 print(line + ("OOM" if r.get("oom") else f"error: {r['error']}"))
                 continue
@@ -197,9 +220,10 @@ def main(argv=None):
                 base = r
             rt = f"{r['time_s'] / base['time_s']:.3f}" if base else "-"
             rm = f"{r['peak_bytes'] / base['peak_bytes']:.4f}" if base and base["peak_bytes"] > 0 else "-"
-            line += f"{r['time_s']:>8.3f} {r['peak_bytes'] / 2**20:>9.1f} {rt:>10} {rm:>9}"
-            if "kernel_tflops" in r:
-                line += f" {r['kernel_tflops']:>8.1f} {r['mm_tflops']:>10.1f} {100 * r['kernel_tflops'] / r['mm_tflops']:>6.1f}%"
+            line += (f"{r['time_s']:>8.3f} {r['peak_bytes'] / 2**20:>9.1f} {rt:>10} {rm:>9} "
+                     f"{r['executed_products']:>8} {r['executed_tflops']:>12.3f} {r['model_tflops']:>13.3f}")
+            if "mm_tflops" in r:
+                line += f" {r['mm_tflops']:>10.1f} {100 * r['executed_tflops'] / r['mm_tflops']:>11.1f}%"
             print(line, flush=True)
     print(f"# peak memory: {', '.join(sorted(mem_methods))}; load average at the end: "
           f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}")

@@ -204,9 +204,10 @@ def _config(device: torch.device, D: int) -> dict:
     """Tile sizes. GPU values are a starting point chosen from the register budget (untuned: no GPU has
     run them yet); the interpreter uses the smallest tiles ``tl.dot`` accepts (16)."""
     if device.type != "cuda":
-        return dict(BLOCK_P=16, BLOCK_M=16, BLOCK_D=16, BLOCK_DO=16, num_warps=1)
+        return dict(BLOCK_P=16, BLOCK_M=16, BLOCK_D=16, BLOCK_DO=16, num_warps=1, bwd_num_warps=1)
+    # backward programs also hold a [64, BLOCK_DO] fp32 accumulator: 8 warps keep it out of local memory
     return dict(BLOCK_P=64, BLOCK_M=64, BLOCK_D=64, BLOCK_DO=min(128, max(16, triton.next_power_of_2(D))),
-                num_warps=4)
+                num_warps=4, bwd_num_warps=8)
 
 
 def _sm_count(device: torch.device) -> int:
@@ -291,7 +292,7 @@ class _TritonKL(torch.autograd.Function):
         cfg = _config(st.device, D)
         bp, bm, bd, bdo = cfg["BLOCK_P"], cfg["BLOCK_M"], cfg["BLOCK_D"], cfg["BLOCK_DO"]
         args = (_LOG2E / teacher_temp, _LOG2E / student_temp)
-        kw = dict(BLOCK_P=bp, BLOCK_M=bm, BLOCK_D=bd, BLOCK_DO=bdo, num_warps=cfg["num_warps"], **_flags(st))
+        kw = dict(BLOCK_P=bp, BLOCK_M=bm, BLOCK_D=bd, BLOCK_DO=bdo, num_warps=cfg["bwd_num_warps"], **_flags(st))
         d_s = d_t = None
         if need_s:
             d_s = torch.empty(P, D, dtype=torch.float32, device=st.device)

@@ -115,9 +115,9 @@ def sequence_parallel_weight(param: torch.Tensor, group, sequence_parallel: bool
 def activation_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype a GEMM on ``x`` computes in: autocast's when it is on, else ``x``'s own."""
     kind = x.device.type
-    if torch.is_autocast_enabled(kind) and x.is_floating_point():
+    if kind in ("cuda", "cpu", "xpu") and x.is_floating_point() and torch.is_autocast_enabled(kind):
         return torch.get_autocast_dtype(kind)
-    return x.dtype
+    return x.dtype  # no autocast (or a device without it, e.g. meta)
 
 
 class SequenceParallelLayerNorm(nn.LayerNorm):

@@ -52,6 +52,13 @@ def test_attention_and_block_gemms_see_bf16(monkeypatch, mode):
     if mode == "bf16_weights":
         model = model.to(torch.bfloat16)  # what DeepSpeed's bf16 engine holds
     seen = _spy(monkeypatch, model)
+    linear_inputs, real_linear = [], torch.nn.functional.linear
+
+    def linear(x, w, b=None):  # every matmul through F.linear: blocks, heads, projections
+        linear_inputs.append(x.dtype)
+        return real_linear(x, w, b)
+
+    monkeypatch.setattr(torch.nn.functional, "linear", linear)
     out = _run(model, cfg, autocast=(mode == "autocast"),
                dtype=torch.float32 if mode == "autocast" else torch.bfloat16)
     # every block of both towers and the decoder called attention, all in bf16
@@ -61,6 +68,8 @@ def test_attention_and_block_gemms_see_bf16(monkeypatch, mode):
     # no fp32 activation reaches a block's matmul (autocast would cast it: an fp32 copy per GEMM)
     assert len(seen["block_gemm"]) == 4 * len(seen["attention"])  # the vision tower runs twice
     assert set(seen["block_gemm"]) == {torch.bfloat16}, set(seen["block_gemm"])
+    if mode == "bf16_weights":  # no autocast to rescue an fp32 activation: everything is bf16
+        assert linear_inputs and set(linear_inputs) == {torch.bfloat16}, set(linear_inputs)
     assert all(torch.isfinite(t.float()).all() for t in out.values() if torch.is_tensor(t))
 
 

@@ -1,20 +1,28 @@
 """One RILS training step, timed: attention backend x reconstruction-loss backend x model.
 
-    # on a GPU (bf16 autocast, TP = 1, activation checkpointing, B/16 + L/16 + H/14):
+    # on a GPU, the trainer's configuration (bf16 weights + fp32 master AdamW, G = 32,768
+    # prototypes, TF32 off, TP = 1, activation checkpointing, B/16 + L/16 + H/14):
     python benchmarks/bench_step.py --out runs/bench_step.json
     # CPU smoke test:
     python benchmarks/bench_step.py --model tiny --device cpu --steps 3
 
-Plain PyTorch (model + loss + AdamW; no DeepSpeed): the step a single GPU runs. The loss is
+Plain PyTorch (model + loss + AdamW; no DeepSpeed): the step a single GPU runs, in the
+precision layout of DeepSpeed's ``bf16: {enabled: true}`` (ds_configs/*.json): the module's
+parameters, activations and gradients are bf16 and the optimizer keeps an fp32 master copy
+with fp32 AdamW states (``--weights bf16``, the GPU default; no autocast). ``--weights fp32
+--dtype bf16`` is autocast over fp32 weights instead, for comparison. TF32 stays off as in the
+trainer (``--tf32`` turns it on for a comparison row). The loss is
 the trainer's (rils_scale.objectives) without the distributed parts: CLIP contrastive with
 the model's logit scale + 0.5 x mean patch-sentence KL over every masked row (retrieval filter
 off, so the KL cost is the worst case). ``--prototypes G`` pads the sentence prototypes (and
 the contrastive columns) with detached random unit vectors to G columns, standing in for the
-features other data-parallel ranks contribute, so the KL runs at a realistic global batch.
+features other data-parallel ranks contribute, so the KL runs at the real prototype count
+(the global batch: 32,768 by default on a GPU, as DESIGN's B/16 run; the micro-batch on CPU).
 
 Reported per configuration: median step time, samples/s, model TFLOP/s from
-rils_scale.train.flops (``total``: forward + backward, recompute not counted), MFU against the
-device's dense bf16 peak (rils_scale.train.hardware), and peak memory (CUDA
+rils_scale.train.flops (``total``: forward + backward, recompute not counted) and executed
+TFLOP/s (``total_with_recompute``: plus activation-checkpointing and KL recompute, the HFU
+numerator), MFU against the device's dense bf16 peak (rils_scale.train.hardware), and peak memory (CUDA
 max_memory_allocated; CPU: peak RSS). Each configuration runs in try/except: an out-of-memory
 becomes an "OOM" row, any other failure an "error" row, and the table is always printed.
 """
@@ -41,6 +49,7 @@ from rils_scale.ops import patch_sentence_kl  # noqa: E402
 from rils_scale.train import hardware  # noqa: E402
 from rils_scale.train.flops import masked_patches, rils_step_flops  # noqa: E402
 
+GPU_PROTOTYPES = 32768  # the trainer's G at a 32k global batch (DESIGN §8)
 DEFAULT_MICRO_BATCH = {"tiny": 8, "small": 64, "vit_b16": 256, "vit_l16": 128, "vit_h14": 64, "vit_g14": 32}
 STUDENT_TEMP, TEACHER_TEMP, RECON_WEIGHT = 0.1, 0.04, 0.5
 
@@ -71,6 +80,29 @@ def rils_loss(out, n_masked: int, prototypes: int, kl_backend: str):
     return clip + RECON_WEIGHT * kl.float().mean()
 
 
+class MasterWeightAdamW:
+    """DeepSpeed bf16's optimizer layout without DeepSpeed: the model holds bf16 parameters and
+    receives bf16 gradients; AdamW steps an fp32 master copy, which is cast back into the model.
+    (Memory per parameter: 2 + 2 bf16, 4 master, 4 master grad, 8 Adam states, as DeepSpeed.)"""
+
+    def __init__(self, params, **adamw):
+        self.params = [p for p in params if p.requires_grad]
+        self.master = [p.detach().float().clone().requires_grad_(True) for p in self.params]
+        self.opt = torch.optim.AdamW(self.master, **adamw)
+
+    def step(self):
+        for p, m in zip(self.params, self.master):
+            m.grad = None if p.grad is None else p.grad.float()
+        self.opt.step()
+        with torch.no_grad():
+            for p, m in zip(self.params, self.master):
+                p.copy_(m)  # rounds to bf16
+
+    def zero_grad(self, set_to_none: bool = True):
+        for p in self.params:
+            p.grad = None
+
+
 def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
@@ -85,23 +117,30 @@ def run_config(model_name: str, attn: str, kl: str, args, device: torch.device) 
     b = args.micro_batch or DEFAULT_MICRO_BATCH.get(model_name, 32)
     g = max(args.prototypes or b, b)
     row = {"model": model_name, "attention": attn, "kl": kl, "micro_batch": b, "prototypes": g,
-           "checkpointing": not args.no_checkpointing, "dtype": args.dtype}
+           "checkpointing": not args.no_checkpointing, "dtype": args.dtype, "weights": args.weights}
     model = opt = None
     try:
         cfg = get_config(model_name)
         flops = rils_step_flops(cfg, b, g, activation_checkpointing=not args.no_checkpointing,
-                                recon_backend="reference" if kl == "reference" else "streaming")
+                                recon_backend=kl)
         row["model_tflop_per_step"] = flops["total"] / 1e12
+        row["executed_tflop_per_step"] = flops["total_with_recompute"] / 1e12
         torch.manual_seed(0)
         spec = ParallelSpec(activation_checkpointing=not args.no_checkpointing)
         model = build_model(cfg, spec, attn_backend=attn).to(device)
         model.train()
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05,
-                                fused=device.type == "cuda")
-        images = torch.randn(b, 3, cfg.vision.image_size, cfg.vision.image_size, device=device)
+        adamw = dict(lr=1e-4, weight_decay=0.05, fused=device.type == "cuda")
+        low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.dtype)
+        if args.weights == "bf16":  # DeepSpeed bf16: bf16 module, fp32 master in the optimizer
+            model = model.to(low or torch.bfloat16)
+            opt = MasterWeightAdamW(model.parameters(), **adamw)
+            amp_dtype, in_dtype = None, low or torch.bfloat16
+        else:  # fp32 weights, autocast to --dtype (fp32: no autocast)
+            opt = torch.optim.AdamW(model.parameters(), **adamw)
+            amp_dtype, in_dtype = low, torch.float32
+        images = torch.randn(b, 3, cfg.vision.image_size, cfg.vision.image_size, device=device).to(in_dtype)
         tokens = torch.randint(1, cfg.text.vocab_size, (b, cfg.text.context_length), device=device)
         n_masked = masked_patches(cfg)
-        amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.dtype)
 
         def step():
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
@@ -140,6 +179,7 @@ def run_config(model_name: str, attn: str, kl: str, args, device: torch.device) 
         m = meter.metrics(step_s)
         row.update(status="ok", step_s=step_s, samples_per_s=m["samples_per_s"],
                    tflops=m["tflops_per_device"], mfu=m["mfu"], peak_mem_gb=peak_mem / 2 ** 30,
+                   executed_tflops=flops["total_with_recompute"] / step_s / 1e12,
                    loss=float(loss.detach()))
         if args.profile and not getattr(args, "_profiled", False):
             args._profiled = True
@@ -175,19 +215,20 @@ def _fmt(x, spec):
 
 
 def markdown_table(rows) -> str:
-    head = ("| model | attention | KL | B | G | step s | samples/s | TFLOP/s | MFU | peak mem GiB |\n"
-            "|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    head = ("| model | attention | KL | B | G | step s | samples/s | TFLOP/s | MFU | executed TFLOP/s "
+            "| peak mem GiB |\n|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     lines = [head]
     for r in rows:
         if r.get("status") != "ok":
             status = r.get("status", "?") + (f" ({r['error']})" if r.get("error") else "")
             lines.append(f"| {r['model']} | {r['attention']} | {r['kl']} | {r['micro_batch']} | {r['prototypes']} "
-                         f"| {status} | | | | |")
+                         f"| {status} | | | | | |")
             continue
         mfu = None if r["mfu"] is None else 100 * r["mfu"]
         lines.append(f"| {r['model']} | {r['attention']} | {r['kl']} | {r['micro_batch']} | {r['prototypes']} "
                      f"| {r['step_s']:.4f} | {r['samples_per_s']:.1f} | {r['tflops']:.3f} | "
-                     f"{_fmt(mfu, '.1f')}{'%' if mfu is not None else ''} | {r['peak_mem_gb']:.2f} |")
+                     f"{_fmt(mfu, '.1f')}{'%' if mfu is not None else ''} | {r['executed_tflops']:.3f} "
+                     f"| {r['peak_mem_gb']:.2f} |")
     return "\n".join(lines)
 
 
@@ -199,11 +240,18 @@ def parse_args(argv=None):
                    help="comma-separated presets")
     p.add_argument("--device", default="cuda" if on_gpu else "cpu")
     p.add_argument("--dtype", default=None, choices=("bf16", "fp16", "fp32"),
-                   help="autocast dtype (default: bf16 on GPU, fp32 on CPU)")
+                   help="compute dtype (default: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--weights", default=None, choices=("bf16", "fp32"),
+                   help="bf16: the module in --dtype with an fp32 master copy in the optimizer (DeepSpeed "
+                        "bf16, the trainer); fp32: fp32 weights under autocast to --dtype "
+                        "(default: bf16 when --dtype is bf16/fp16, else fp32)")
+    p.add_argument("--tf32", action="store_true",
+                   help="allow TF32 matmuls/convolutions (the trainer never does; off by default)")
     p.add_argument("--micro-batch", type=int, default=0,
                    help=f"samples per step (0: per-model default {DEFAULT_MICRO_BATCH})")
     p.add_argument("--prototypes", type=int, default=0,
-                   help="sentence prototypes G of the KL and contrastive columns (0: the micro-batch)")
+                   help=f"sentence prototypes G of the KL and contrastive columns (0: {GPU_PROTOTYPES} "
+                        "on a GPU, the trainer's global batch; the micro-batch on CPU)")
     p.add_argument("--attn", default="flash,math",
                    help="attention backends: flash (flash_attn package if installed, else SDPA, "
                         "which dispatches to FlashAttention-2 kernels), sdpa, flash_attn, math")
@@ -222,6 +270,12 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.dtype is None:
         args.dtype = "bf16" if args.device.startswith("cuda") else "fp32"
+    if args.weights is None:
+        args.weights = "bf16" if args.dtype in ("bf16", "fp16") else "fp32"
+    if args.weights == "bf16" and args.dtype == "fp32":
+        p.error("--weights bf16 needs --dtype bf16 or fp16")
+    if not args.prototypes and args.device.startswith("cuda"):
+        args.prototypes = GPU_PROTOTYPES
     if args.warmup is None:
         args.warmup = 3 if args.device.startswith("cuda") else 1
     return args
@@ -258,13 +312,16 @@ def main(argv=None) -> int:
         if not torch.cuda.is_available():
             print("error: --device cuda but no GPU is visible", file=sys.stderr)
             return 2
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        # TF32 as the trainer has it (it never sets these): only --tf32 changes them
+        if args.tf32:
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
     name = hardware.device_name(device)
     if args.peak_tflops is None:
         args.peak_tflops = hardware.peak_tflops(name, "bf16" if args.dtype in ("bf16", "fp16") else "fp32")
-    print(f"device: {name}; peak {args.peak_tflops or '-'} TFLOP/s ({args.dtype}); torch {torch.__version__}; "
-          f"flash_attn package: {HAS_FLASH_ATTN}", flush=True)
+    tf32 = {"matmul": torch.backends.cuda.matmul.allow_tf32, "cudnn": torch.backends.cudnn.allow_tf32}
+    print(f"device: {name}; peak {args.peak_tflops or '-'} TFLOP/s ({args.dtype}); weights {args.weights}; "
+          f"tf32 {tf32}; torch {torch.__version__}; flash_attn package: {HAS_FLASH_ATTN}", flush=True)
     rows = []
     for model_name in [m for m in args.model.split(",") if m]:
         for attn in [a for a in args.attn.split(",") if a]:
@@ -277,13 +334,14 @@ def main(argv=None) -> int:
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         summary = {"device": name, "peak_tflops": args.peak_tflops, "torch": torch.__version__,
-                   "dtype": args.dtype, "steps": args.steps, "warmup": args.warmup,
+                   "dtype": args.dtype, "weights": args.weights, "tf32": tf32,
+                   "steps": args.steps, "warmup": args.warmup,
                    "checkpointing": not args.no_checkpointing, "rows": rows}
         base = args.out[:-3] if args.out.endswith(".md") else (args.out[:-5] if args.out.endswith(".json") else args.out)
         with open(base + ".json", "w") as f:
             json.dump(summary, f, indent=2)
         with open(base + ".md", "w") as f:
-            f.write(f"device: {name}, {args.dtype}, checkpointing {'on' if not args.no_checkpointing else 'off'}, "
+            f.write(f"device: {name}, {args.dtype}, weights {args.weights}, tf32 {tf32}, checkpointing {'on' if not args.no_checkpointing else 'off'}, "
                     f"median of {args.steps} steps after {args.warmup} warm-up\n\n{table}\n")
         print(f"wrote {base}.json and {base}.md")
     return 0 if any(r.get("status") == "ok" for r in rows) else 1

@@ -42,3 +42,56 @@ def test_bench_step_oom_row_and_mfu(tmp_path):
     rows = json.loads((tmp_path / "b.json").read_text())["rows"]
     assert rows[0]["status"] == "ok" and 0 < rows[0]["mfu"] < 1
     assert rows[1]["status"] == "error" and "unknown model preset" in rows[1]["error"]
+
+
+def _bench_step_module():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("bench_step", os.path.join(ROOT, "benchmarks", "bench_step.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_master_weight_adamw_is_deepspeed_bf16_layout():
+    """bf16 module + fp32 master: the master follows fp32 AdamW exactly; the module holds its rounding."""
+    import torch
+    bench = _bench_step_module()
+    torch.manual_seed(0)
+    ref = torch.nn.Linear(8, 4)
+    low = torch.nn.Linear(8, 4)
+    low.load_state_dict(ref.state_dict())
+    master_init = [p.detach().clone() for p in ref.parameters()]
+    low = low.to(torch.bfloat16)
+    opt = bench.MasterWeightAdamW(low.parameters(), lr=1e-2, weight_decay=0.05)
+    # the master starts from the fp32 weights' bf16 rounding (what DeepSpeed's bf16 engine holds)
+    ref_params = [torch.nn.Parameter(m.to(torch.bfloat16).float()) for m in master_init]
+    ref_opt = torch.optim.AdamW(ref_params, lr=1e-2, weight_decay=0.05)
+    for step in range(3):
+        grads = [torch.randn_like(p, dtype=torch.float32) for p in ref_params]
+        for p, g in zip(low.parameters(), grads):
+            p.grad = g.to(torch.bfloat16)
+        for p, g in zip(ref_params, grads):
+            p.grad = g.to(torch.bfloat16).float()  # the gradient the module produced
+        opt.step()
+        ref_opt.step()
+        opt.zero_grad()
+    for m, r, p in zip(opt.master, ref_params, low.parameters()):
+        assert m.dtype == torch.float32 and p.dtype == torch.bfloat16 and p.grad is None
+        torch.testing.assert_close(m, r, rtol=0, atol=0)
+        assert torch.equal(p, m.to(torch.bfloat16))
+
+
+def test_bench_step_trainer_precision_on_cpu(tmp_path):
+    """--weights bf16 (DeepSpeed's layout) runs and is recorded; TF32 untouched by default."""
+    cmd = [sys.executable, "benchmarks/bench_step.py", "--model", "tiny", "--device", "cpu", "--dtype", "bf16",
+           "--steps", "1", "--warmup", "1", "--threads", "1", "--attn", "sdpa", "--kl", "streaming",
+           "--prototypes", "24", "--out", str(tmp_path / "b.json")]
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    summary = json.loads((tmp_path / "b.json").read_text())
+    assert summary["weights"] == "bf16" and summary["tf32"] == {"matmul": False, "cudnn": True}
+    (row,) = summary["rows"]
+    assert row["status"] == "ok", row
+    assert row["prototypes"] == 24 and row["weights"] == "bf16"
+    # executed FLOPs include activation-checkpointing and KL recompute
+    assert row["executed_tflop_per_step"] > row["model_tflop_per_step"] > 0

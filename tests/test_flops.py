@@ -143,3 +143,27 @@ def test_hardware_peaks_and_mfu():
     m = meter.update(0.5)
     assert m == {"step_s": 0.5, "samples_per_s": 128.0, "tflops_per_device": 4.0, "mfu": pytest.approx(0.4)}
     assert hw.peak_memory_bytes() > 10 * 2 ** 20 and hw.device_name().startswith("cpu")
+
+
+def test_kl_flops_count_what_is_executed():
+    """KL convention (FlashAttention's): forward 2 logit GEMMs; backward 2 recomputed logit
+    GEMMs + dS = G·T (+ dT = Gᵀ·S when the prototypes take a gradient)."""
+    from rils_scale.train.flops import kl_flops
+    p, m, d = 37_632, 32_768, 512
+    gemm = 2 * p * m * d
+    f = kl_flops(p, m, d)
+    assert f["forward"] == 2 * gemm and f["backward"] == 3 * gemm and f["total"] == 5 * gemm
+    assert f["recompute"] == 2 * gemm and f["model_backward"] == gemm
+    g = kl_flops(p, m, d, prototype_grad=True)
+    assert g["backward"] == 4 * gemm and g["total"] == 6 * gemm  # 2 + (2 recompute + 2 products)
+    assert g["total"] == pytest.approx(7.576e12, rel=1e-3)
+    r = kl_flops(p, m, d, backend="reference")  # stores its logits: nothing recomputed
+    assert r["recompute"] == 0 and r["total"] == 3 * gemm
+    for name in ("triton", "hybrid", "cuda", "auto", "streaming_chunked"):
+        assert kl_flops(p, m, d, backend=name)["total"] == 5 * gemm
+    # the step's reconstruction entries are the same numbers
+    cfg = get_config("vit_b16")
+    step = rils_step_flops(cfg, 256, 32768, recon_backend="hybrid")
+    kl = kl_flops(256 * masked_patches(cfg), 32768, cfg.embed_dim)
+    assert step["reconstruction"] == kl["forward"] and step["recon_recompute"] == kl["recompute"]
+    assert step["backward_components"]["reconstruction"] == kl["model_backward"]

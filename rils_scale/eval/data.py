@@ -52,7 +52,9 @@ def is_image_folder(path: str) -> bool:
 
 @torch.no_grad()
 def _encode_images(model, images: torch.Tensor, device) -> torch.Tensor:
-    return F.normalize(model.encode_image(images.to(device)).float(), dim=-1).cpu()
+    # Images in the model's dtype: a bf16 model (DeepSpeed bf16 weights) refuses fp32 pixels.
+    dtype = next(model.parameters()).dtype
+    return F.normalize(model.encode_image(images.to(device, dtype)).float(), dim=-1).cpu()
 
 
 @torch.no_grad()

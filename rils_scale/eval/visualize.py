@@ -115,7 +115,8 @@ def visualize(model, images: Sequence[Image.Image], sentences: Sequence[str], *,
     """PIL images + sentences -> rendered grid, with a :func:`rils_scale.load_model` model."""
     device = next(model.parameters()).device
     batch = torch.stack([model.transform(im) for im in images]).to(device)
-    probs = patch_sentence_probabilities(model, batch, model.tokenize(list(sentences)), temperature)
+    dtype = next(model.parameters()).dtype  # a bf16 model refuses fp32 pixels
+    probs = patch_sentence_probabilities(model, batch.to(dtype), model.tokenize(list(sentences)), temperature)
     return render_maps([denormalize(t) for t in batch], probs, sentences, cell=cell)
 
 

@@ -81,7 +81,11 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, key_padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         qkv = self.qkv(x)
         if self.q_bias is not None:
-            qkv = qkv + torch.cat([self.q_bias, torch.zeros_like(self.v_bias), self.v_bias])
+            # Add the bias in the GEMM's output dtype: under autocast the bias is an fp32
+            # parameter, and bf16 + fp32 would promote q, k, v to fp32 (flash-attn refuses
+            # them; SDPA then runs on an fp32 copy). Its gradient still arrives in fp32.
+            bias = torch.cat([self.q_bias, torch.zeros_like(self.v_bias), self.v_bias])
+            qkv = qkv + bias.to(qkv.dtype)
         b, n, _ = qkv.shape
         q, k, v = qkv.view(b, n, 3, self.heads_local, self.head_dim).permute(2, 0, 3, 1, 4)
         p = self.dropout if self.training else 0.0

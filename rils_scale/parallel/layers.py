@@ -112,6 +112,14 @@ def sequence_parallel_weight(param: torch.Tensor, group, sequence_parallel: bool
     return copy_to_tensor_parallel_region(param, group) if sequence_parallel else param
 
 
+def activation_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a GEMM on ``x`` computes in: autocast's when it is on, else ``x``'s own."""
+    kind = x.device.type
+    if kind in ("cuda", "cpu", "xpu") and x.is_floating_point() and torch.is_autocast_enabled(kind):
+        return torch.get_autocast_dtype(kind)
+    return x.dtype  # no autocast (or a device without it, e.g. meta)
+
+
 class SequenceParallelLayerNorm(nn.LayerNorm):
     """LayerNorm whose affine gradients are summed over TP when sequence parallel is on."""
 
@@ -125,7 +133,10 @@ class SequenceParallelLayerNorm(nn.LayerNorm):
     def forward(self, x):
         w = sequence_parallel_weight(self.weight, self.tp_group, self.sequence_parallel)
         b = sequence_parallel_weight(self.bias, self.tp_group, self.sequence_parallel)
-        return F.layer_norm(x, self.normalized_shape, w, b, self.eps)
+        # Autocast runs layer_norm in fp32 and returns fp32, which the next GEMM would cast
+        # again: hand it the compute dtype at once, so no fp32 copy sits between norm and matmul
+        # (the residual stream keeps its own dtype).
+        return F.layer_norm(x, self.normalized_shape, w, b, self.eps).to(activation_dtype(x))
 
 
 class ColumnParallelLinear(nn.Module):
@@ -197,7 +208,9 @@ class RowParallelLinear(nn.Module):
             y = reduce_from_tensor_parallel_region(y, self.tp_group)
         if self.bias is None:
             return y
-        return y + sequence_parallel_weight(self.bias, self.tp_group, self.sequence_parallel)
+        # In y's dtype, as F.linear adds its bias under autocast: an fp32 bias would promote
+        # the residual stream (and every activation after it) to fp32.
+        return y + sequence_parallel_weight(self.bias, self.tp_group, self.sequence_parallel).to(y.dtype)
 
     def extra_repr(self):
         return f"in={self.in_features}, out={self.out_features}, tp={_size(self.tp_group)}"

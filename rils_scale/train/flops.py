@@ -40,7 +40,13 @@ logits (the prototypes are detached by default: 1×, 2× with
 perfect implementation must do. ``recompute`` (activation checkpointing: one more forward of
 every transformer block) and ``recon_recompute`` (the streaming KL backward recomputes both
 logit matrices, as FlashAttention does) are extra hardware work, reported apart and summed in
-``total_with_recompute`` (the numerator of HFU).
+``total_with_recompute`` (the numerator of HFU: what is *executed*).
+
+The patch-sentence KL on its own (:func:`kl_flops`, the convention the KL benchmark and the
+fused kernels report) counts what is executed, FlashAttention's way: forward = the two logit
+GEMMs (teacher, student; ``2·P·M·D`` each); backward = the two recomputed logit GEMMs plus the
+gradient products, ``dS = G·T`` always and ``dT = Gᵀ·S`` only when the prototypes take a
+gradient. Every backend except ``reference`` (which stores its P×M logits) recomputes.
 """
 from __future__ import annotations
 
@@ -80,6 +86,26 @@ def _patch_embed_flops(v: VisionConfig) -> int:
     return 2 * v.num_patches * 3 * v.patch_size ** 2 * v.width
 
 
+# --------------------------------------------------------------------------- the KL op
+KL_BACKENDS_STORING_LOGITS = ("reference",)  # every other backend recomputes them in backward
+
+
+def kl_flops(rows: int, prototypes: int, dim: int, *, prototype_grad: bool = False,
+             backend: str = "streaming") -> Dict[str, float]:
+    """Executed FLOPs of one ``patch_sentence_kl`` call on ``rows`` × ``prototypes`` × ``dim``.
+
+    ``forward``: teacher and student logits (2 GEMMs). ``backward``: the recomputed logits
+    (2 GEMMs, none for a backend that stores them) and the gradient products (``dS``; plus
+    ``dT`` with ``prototype_grad``). ``model_backward`` is the backward without recompute
+    (what MFU counts); ``total`` = forward + backward (executed, as FlashAttention counts).
+    """
+    gemm = 2.0 * rows * prototypes * dim
+    recompute = 0.0 if backend in KL_BACKENDS_STORING_LOGITS else 2 * gemm
+    grads = gemm * (2 if prototype_grad else 1)
+    return {"forward": 2 * gemm, "backward": recompute + grads, "recompute": recompute,
+            "model_backward": grads, "total": 2 * gemm + recompute + grads, "gemm": gemm}
+
+
 # --------------------------------------------------------------------------- step FLOPs
 def rils_step_flops(cfg: RILSConfig, micro_batch: int, global_batch: int, *,
                     activation_checkpointing: bool = False, tensor_parallel: int = 1,
@@ -97,8 +123,8 @@ def rils_step_flops(cfg: RILSConfig, micro_batch: int, global_batch: int, *,
 
     Extra switches (defaults match the trainer): ``prototype_grad`` (the KL also trains the
     text tower through the prototypes: one more product in backward), ``recon_backend``
-    ("streaming"/"cuda": the backward recomputes both logit matrices; "reference": they are
-    stored), ``recon_split_tp`` (the KL rows are split over TP peers, as
+    (any KL backend but "reference" recomputes both logit matrices in backward; "reference"
+    stores them), ``recon_split_tp`` (the KL rows are split over TP peers, as
     objectives/reconstruction.py does).
     Pure arithmetic on the config: cheap, but callers should still compute it once per run.
     """
@@ -123,7 +149,7 @@ def _compute(cfg: RILSConfig, b: int, g: int, ckpt: bool, tp: int, rows_frac: fl
         raise ValueError(f"tensor_parallel must be >= 1, got {tp}")
     if not 0.0 <= rows_frac <= 1.0:
         raise ValueError(f"recon_rows_fraction must be in [0, 1], got {rows_frac}")
-    if recon_backend not in ("streaming", "cuda", "reference", "auto"):
+    if recon_backend not in ("streaming", "streaming_chunked", "cuda", "triton", "hybrid", "reference", "auto"):
         raise ValueError(f"unknown recon_backend {recon_backend!r}")
     v, t, e = cfg.vision, cfg.text, cfg.embed_dim
     n, d, f = v.num_patches, v.width, v.mlp_hidden
@@ -146,7 +172,8 @@ def _compute(cfg: RILSConfig, b: int, g: int, ckpt: bool, tp: int, rows_frac: fl
         "contrastive": 2 * (2 * b * g * e),
     }
     rows = b * masked_patches(cfg) * rows_frac
-    logit = 2 * rows * g * e  # one P x G x E product
+    kl = kl_flops(rows, g, e, prototype_grad=proto_grad, backend=recon_backend)
+    logit = kl["gemm"]  # one P x G x E product
     recon = {"teacher": logit, "student": logit}
 
     fwd = {c: blocks.get(c, 0) + replicated.get(c, 0) for c in COMPONENTS if c != "reconstruction"}
@@ -157,11 +184,11 @@ def _compute(cfg: RILSConfig, b: int, g: int, ckpt: bool, tp: int, rows_frac: fl
     # the projected unmasked patch tokens are the KL teacher only (stop-gradient): no backward
     # (the unmasked pass learns through the pooled token, i.e. the contrastive loss)
     bwd["projections"] -= 2 * b * 2 * n * d * e
-    bwd["reconstruction"] = recon["student"] * (2 if proto_grad else 1)  # teacher: stop-gradient
+    bwd["reconstruction"] = kl["model_backward"]  # dS (+ dT with prototype_grad); teacher: stop-gradient
 
     sharded_fwd = sum(blocks.values())
     recompute = sharded_fwd if ckpt else 0
-    recon_recompute = 2 * logit if recon_backend in ("streaming", "cuda", "auto") else 0
+    recon_recompute = kl["recompute"]
 
     recon_div = tp if recon_split_tp else 1
     recon_total = fwd["reconstruction"] + bwd["reconstruction"]
@@ -235,5 +262,5 @@ def params_per_rank(cfg: RILSConfig, tensor_parallel: int = 1, part: str = None)
     return sharded / tensor_parallel + (p[part] - sharded)
 
 
-__all__ = ["rils_step_flops", "model_params", "params_per_rank", "flops_per_sample", "block_flops",
+__all__ = ["rils_step_flops", "kl_flops", "model_params", "params_per_rank", "flops_per_sample", "block_flops",
            "block_linear_flops", "block_attention_flops", "visible_tokens", "masked_patches", "COMPONENTS"]

@@ -190,6 +190,7 @@ def write_clip_benchmark(args) -> int:
                 continue
             yield data, ext, label
 
+    cb.check_split_free(args.output, args.split)
     cb.write_metadata(args.output, names, templates)
     result = cb.write_split(args.output, args.split, samples(), len(names), args.shard_size or 10000)
     print(f"wrote {result['count']} samples in {len(result['shards'])} shard(s) to {result['dir']}"

@@ -143,48 +143,58 @@ def _captions(shard_dir):
     return out
 
 
-@pytest.mark.parametrize("tower", ["auto", "timm"])
-def test_open_clip_export_matches_load_model(run, tmp_path, tower):
+@pytest.fixture(scope="module")
+def open_clip_dir(run, tmp_path_factory):
+    """``convert_checkpoint.py --format open_clip`` of the ZeRO-3 TP=2 run (shared by two tests)."""
+    out = tmp_path_factory.mktemp("open_clip") / "oc"
+    proc = _convert("--checkpoint", run["run"], "--format", "open_clip", "--output", str(out))
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+def test_open_clip_export_matches_load_model(run, open_clip_dir, tmp_path):
     """``open_clip`` local-dir: model == load_model on images and texts (fp32, 1e-5), same ids.
-    ``auto`` is OpenCLIP's own ViT here (both towers GELU); ``timm`` is the trunk path used when
-    the towers' activations differ."""
+    The CLI's ``auto`` export is OpenCLIP's own ViT here (both towers GELU); the ``timm`` trunk
+    variant (used when the towers' activations differ) is checked the same way."""
     import open_clip
     from PIL import Image
     from rils_scale import load_model
+    from rils_scale.checkpoint.export import export
+    from rils_scale.checkpoint.sources import open_source
 
-    out = tmp_path / "oc"
-    proc = _convert("--checkpoint", run["run"], "--format", "open_clip", "--vision-tower", tower, "--output", str(out))
-    assert proc.returncode == 0, proc.stderr
-    clip, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{out}")
-    tokenizer = open_clip.get_tokenizer(f"local-dir:{out}")
-    clip.eval()
+    trunk_dir = tmp_path / "oc_timm"
+    export(open_source(run["run"]), "open_clip", str(trunk_dir), vision_tower="timm")
     model = load_model(run["run"])
-    with open(out / "open_clip_config.json") as f:
-        assert ("timm_model_name" in json.load(f)["model_cfg"]["vision_cfg"]) == (tower == "timm")
-
-    # token ids: every caption of the data set, plus case, spacing, unseen and empty texts
     texts = _captions(run["train"]) + _captions(os.path.join(run["builtin"], "heldout"))
     texts += ["A RED Circle", "  two   blue squares ", "", "emoji \U0001F600 中文 ÄÖÜ ß ﬁ", "circle " * 40]
-    ours_ids, theirs_ids = model.tokenize(texts), tokenizer(texts)
     assert len(texts) > 4000
-    assert int((ours_ids != theirs_ids).any(dim=1).sum()) == 0
-
+    ours_ids = model.tokenize(texts)
     torch.manual_seed(1)
     images = torch.randn(6, 3, 32, 32)
     with torch.no_grad():
-        for ours, theirs in ((model.encode_image(images), clip.encode_image(images)),
-                             (model.encode_text(ours_ids[:64]), clip.encode_text(theirs_ids[:64]))):
-            scale = ours.abs().max().item()
-            assert scale > 0.1
-            torch.testing.assert_close(theirs, ours, atol=1e-5 * scale, rtol=1e-5)
-        assert abs(clip.logit_scale.exp().item() - model.logit_scale().item()) < 1e-4
-    # preprocess_cfg reproduces the eval transform on RGB images
-    pil = [Image.new("RGB", (40, 56), (200, 30, 90)), Image.effect_mandelbrot((48, 36), (-2, -1.5, 1, 1.5), 60).convert("RGB")]
-    for im in pil:
+        ours_image, ours_text = model.encode_image(images), model.encode_text(ours_ids[:64])
+    for out, trunk in ((open_clip_dir, False), (trunk_dir, True)):
+        with open(out / "open_clip_config.json") as f:
+            assert ("timm_model_name" in json.load(f)["model_cfg"]["vision_cfg"]) == trunk
+        clip, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{out}")
+        tokenizer = open_clip.get_tokenizer(f"local-dir:{out}")
+        clip.eval()
+        # token ids: every caption of the data set, plus case, spacing, unseen and empty texts
+        theirs_ids = tokenizer(texts)
+        assert int((ours_ids != theirs_ids).any(dim=1).sum()) == 0
+        with torch.no_grad():
+            for ours, theirs in ((ours_image, clip.encode_image(images)),
+                                 (ours_text, clip.encode_text(theirs_ids[:64]))):
+                scale = ours.abs().max().item()
+                assert scale > 0.1
+                torch.testing.assert_close(theirs, ours, atol=1e-5 * scale, rtol=1e-5)
+            assert abs(clip.logit_scale.exp().item() - model.logit_scale().item()) < 1e-4
+    # preprocess_cfg reproduces the eval transform on RGB (and grey) images
+    for im in (Image.new("RGB", (40, 56), (200, 30, 90)), Image.effect_mandelbrot((48, 36), (-2, -1.5, 1, 1.5), 60)):
         torch.testing.assert_close(preprocess(im), model.transform(im), atol=1e-6, rtol=0)
 
 
-def test_clip_benchmark_reproduces_evaluate_zero_shot(run, tmp_path):
+def test_clip_benchmark_reproduces_evaluate_zero_shot(run, open_clip_dir, tmp_path):
     """CLIP_benchmark's zero-shot classification on the OpenCLIP export == evaluate.py's top-1
     on the same images (the built-in heldout set written in the harness's webdataset layout)."""
     import open_clip
@@ -197,11 +207,8 @@ def test_clip_benchmark_reproduces_evaluate_zero_shot(run, tmp_path):
     wds_root = tmp_path / "wds"
     written = convert_labelled_shards(os.path.join(run["builtin"], "heldout"), str(wds_root), meta["class_names"],
                                       meta["templates"], "test", shard_size=256)
-    proc = _convert("--checkpoint", run["run"], "--format", "open_clip", "--output", str(tmp_path / "oc"))
-    assert proc.returncode == 0, proc.stderr
-
-    clip, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{tmp_path / 'oc'}")
-    tokenizer = open_clip.get_tokenizer(f"local-dir:{tmp_path / 'oc'}")
+    clip, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{open_clip_dir}")
+    tokenizer = open_clip.get_tokenizer(f"local-dir:{open_clip_dir}")
     clip.eval()
     dataset = build_dataset("wds/shapes", root=str(wds_root), transform=preprocess, split="test")
     loader = torch.utils.data.DataLoader(dataset.batched(128), batch_size=None, num_workers=0)
@@ -220,13 +227,12 @@ def test_clip_benchmark_reproduces_evaluate_zero_shot(run, tmp_path):
     finally:
         zsc.accuracy = original
 
-    out = tmp_path / "results.json"
-    proc = subprocess.run([sys.executable, os.path.join(REPO, "launchers", "evaluate.py"), "--model", run["run"],
-                           "--builtin", run["builtin"], "--tasks", "zero_shot", "--output", str(out)],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    with open(out) as f:
-        ours = json.load(f)["tasks"]["zero_shot"]
+    # what launchers/evaluate.py --builtin DIR --tasks zero_shot runs (its CLI is tested above)
+    from rils_scale import load_model
+    from rils_scale.eval.runner import builtin_paths, evaluate
+    model = load_model(run["run"])
+    with torch.no_grad():
+        ours = evaluate(model, tasks=["zero_shot"], **builtin_paths(run["builtin"], 32))["tasks"]["zero_shot"]
     assert ours["num_images"] == written["count"] == 600
     assert ours["top1"] > 2 * ours["chance_top1"]
     assert abs(metrics["acc1"] - ours["top1"]) < 0.5 / written["count"], (metrics, ours)  # the same images right

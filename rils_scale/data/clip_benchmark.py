@@ -27,6 +27,12 @@ def to_clip_benchmark_template(template: str) -> str:
     return template if "{c}" in template else template.replace("{}", "{c}")
 
 
+def check_split_free(root: str, split: str) -> None:
+    out = os.path.join(root, split)
+    if os.path.isdir(out) and any(f.endswith(".tar") for f in os.listdir(out)):
+        raise FileExistsError(f"{out} already holds shards")
+
+
 def write_metadata(root: str, class_names: Sequence[str], templates: Sequence[str]) -> None:
     if not class_names:
         raise ValueError("a CLIP_benchmark classification set needs class names")
@@ -47,10 +53,9 @@ def write_split(root: str, split: str, samples: Iterable[Tuple[bytes, str, int]]
     """Write ``(image bytes, extension, label)`` samples as ``ROOT/split/{0..n-1}.tar`` + ``nshards.txt``."""
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    check_split_free(root, split)
     out = os.path.join(root, split)
     os.makedirs(out, exist_ok=True)
-    if any(f.endswith(".tar") for f in os.listdir(out)):
-        raise FileExistsError(f"{out} already holds shards")
     archive, count, shards = None, 0, []
     try:
         for data, ext, label in samples:
@@ -115,6 +120,7 @@ def shard_files(path: str) -> List[str]:
 def convert_labelled_shards(src: str, root: str, class_names: Sequence[str], templates: Sequence[str],
                             split: str = "test", shard_size: int = 10000) -> dict:
     """rils_scale labelled shards (``src``: directory or .tar) -> CLIP_benchmark layout under ``root``."""
+    check_split_free(root, split)
     write_metadata(root, class_names, templates)
     return write_split(root, split, iter_labelled_shards(shard_files(src)), len(class_names), shard_size)
 

@@ -154,12 +154,12 @@ def open_clip_dir(run, tmp_path_factory):
 
 def test_open_clip_export_matches_load_model(run, open_clip_dir, tmp_path):
     """``open_clip`` local-dir: model == load_model on images and texts (fp32, 1e-5), same ids.
-    The CLI's ``auto`` export is OpenCLIP's own ViT here (both towers GELU); the ``timm`` trunk
-    variant (used when the towers' activations differ) is checked the same way."""
+    The CLI's ``auto`` export is OpenCLIP's own ViT when both towers share an activation; the
+    ``timm`` trunk variant (what ``auto`` picks when they differ) is checked the same way."""
     import open_clip
     from PIL import Image
     from rils_scale import load_model
-    from rils_scale.checkpoint.export import export
+    from rils_scale.checkpoint.export import export, text_activation, vision_activation
     from rils_scale.checkpoint.sources import open_source
 
     trunk_dir = tmp_path / "oc_timm"
@@ -173,7 +173,9 @@ def test_open_clip_export_matches_load_model(run, open_clip_dir, tmp_path):
     images = torch.randn(6, 3, 32, 32)
     with torch.no_grad():
         ours_image, ours_text = model.encode_image(images), model.encode_text(ours_ids[:64])
-    for out, trunk in ((open_clip_dir, False), (trunk_dir, True)):
+    # auto: OpenCLIP's ViT when both towers share an activation, else the timm trunk
+    differ = vision_activation(model.cfg) != text_activation(model.cfg)
+    for out, trunk in ((open_clip_dir, differ), (trunk_dir, True)):
         with open(out / "open_clip_config.json") as f:
             assert ("timm_model_name" in json.load(f)["model_cfg"]["vision_cfg"]) == trunk
         clip, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{out}")

@@ -118,6 +118,7 @@ def text_activation(cfg: RILSConfig) -> str:
 
 def _activation(name: str) -> str:
     name = str(name).lower().replace("-", "_")
+    name = {"quickgelu": "quick_gelu", "gelu_exact": "gelu"}.get(name, name)
     if name not in ("gelu", "quick_gelu"):
         raise CheckpointError(f"activation {name!r} has no timm/OpenCLIP equivalent (gelu, quick_gelu)")
     return name

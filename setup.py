@@ -30,6 +30,9 @@ if os.environ.get("RILS_BUILD_CUDA_EXT", "0") == "1":
     )]
     cmdclass = {"build_ext": BuildExtension}
 
+INTEROP = ["open_clip_torch>=3.0,<4", "transformers>=4.40", "tokenizers>=0.19", "clip_benchmark>=1.6", "ftfy",
+           "protobuf"]
+
 setup(
     name="rils_scale",
     version="0.1.0",
@@ -49,7 +52,9 @@ setup(
         "scikit-learn",
     ],
     extras_require={
-        "dev": ["pytest>=8"],
+        # OpenCLIP / CLIP_benchmark / transformers interop (exports and their tests); the trainer never imports them
+        "interop": INTEROP,
+        "dev": ["pytest>=8"] + INTEROP,
         "gpu": ["ninja"],  # flash-attn and NVIDIA apex are optional: install them by hand
     },
     ext_modules=ext_modules,

@@ -3,15 +3,18 @@
 
     # single-process model for rils_scale.load_model / evaluate.py
     python launchers/convert_checkpoint.py --checkpoint runs/b16 --format rils --output exports/b16
-    # the vision encoder as a timm VisionTransformer (model.safetensors + timm_config.json)
+    # the vision encoder for timm: timm.create_model("local-dir:exports/b16_timm", pretrained=True)
     python launchers/convert_checkpoint.py --checkpoint runs/b16 --format timm --output exports/b16_timm
+    # image + text towers for OpenCLIP / CLIP_benchmark: open_clip.create_model_and_transforms(
+    #   "local-dir:exports/b16_openclip"), open_clip.get_tokenizer("local-dir:exports/b16_openclip")
+    python launchers/convert_checkpoint.py --checkpoint runs/b16 --format open_clip --output exports/b16_openclip
     # a checkpoint for another tensor-parallel size; then
     #   deepspeed launchers/pretrain.py ... --tensor-parallel 4 --output-dir runs/b16_tp4 --resume
     python launchers/convert_checkpoint.py --checkpoint runs/b16 --format deepspeed \\
         --tensor-parallel 4 --output runs/b16_tp4
 
 --checkpoint takes a run directory, its checkpoints/ directory, one tag directory
-(checkpoints/global_stepN) or, for --format timm/deepspeed, an exported rils directory.
+(checkpoints/global_stepN) or, for --format timm/open_clip/deepspeed, an exported rils directory.
 Streams tensor by tensor: peak memory is about one tensor plus a bounded read window.
 Exit status: 0 on success, 2 on bad arguments, 1 when the checkpoint cannot be converted.
 """
@@ -26,11 +29,15 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="run dir, checkpoints dir, tag dir, or rils export dir")
-    p.add_argument("--format", required=True, choices=("rils", "timm", "deepspeed"), help="output format")
+    p.add_argument("--format", required=True, choices=("rils", "timm", "open_clip", "deepspeed"),
+                   help="output format")
     p.add_argument("--output", required=True, help="output directory")
     p.add_argument("--tag", default=None, help="checkpoint tag, e.g. global_step2000 (default: 'latest')")
     p.add_argument("--tensor-parallel", type=int, default=None,
                    help="TP size of the --format deepspeed output (required for that format)")
+    p.add_argument("--vision-tower", default="auto", choices=("auto", "native", "timm"),
+                   help="--format open_clip: OpenCLIP's own ViT (native), a timm trunk (timm), or native unless "
+                        "the towers' activations differ (auto; OpenCLIP has one quick_gelu flag)")
     p.add_argument("--tokenizer", default=None, help="tokenizer.model to ship (default: the run's copy)")
     p.add_argument("--replica-tolerance", type=float, default=0.0,
                    help="max abs difference accepted between TP copies of a replicated parameter "
@@ -62,7 +69,7 @@ def main(argv=None) -> int:
               f"TP={info.get('tensor_parallel', 1)}, DP={info.get('data_parallel', 1)}, step {info.get('step')}); "
               f"model {source.model_config.name}", flush=True)
         written = export(source, args.format, args.output, tensor_parallel=args.tensor_parallel or 1,
-                         tokenizer=args.tokenizer, overwrite=args.overwrite)
+                         tokenizer=args.tokenizer, overwrite=args.overwrite, vision_tower=args.vision_tower)
     except (CheckpointError, FileNotFoundError, RuntimeError) as err:
         print(f"convert_checkpoint.py: error: {err}", file=sys.stderr)
         return 1

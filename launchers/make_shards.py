@@ -10,6 +10,13 @@ The built-in datasets (write OUTPUT/train, OUTPUT/heldout and OUTPUT/classes.jso
     python launchers/make_shards.py --builtin shapes --output data/shapes   # procedural scenes
     python launchers/make_shards.py --builtin digits --output data/digits   # handwritten digits
 
+An evaluation set for CLIP_benchmark (``clip_benchmark eval --dataset wds/NAME --dataset_root OUTPUT``):
+    python launchers/make_shards.py --builtin shapes --layout clip_benchmark --output data/wds_shapes
+    python launchers/make_shards.py --input val.csv --layout clip_benchmark --label-column label \
+        --class-names classes.txt --templates templates.txt --output data/wds_mine
+writes OUTPUT/classnames.txt, OUTPUT/zeroshot_classification_templates.txt and
+OUTPUT/<split>/{0.tar,...,nshards.txt} with KEY.<image> + KEY.cls (see docs/evaluation.md).
+
 JPEG/PNG/WebP files are stored as they are; other formats PIL can read are re-encoded (JPEG,
 or PNG when they have transparency). The row's other columns (image path included) go to
 ``KEY.json``. Rows whose image
@@ -47,6 +54,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--format", choices=("csv", "tsv", "jsonl"), default=None,
                         help="listing format (default: from the file extension)")
     parser.add_argument("--strict", action="store_true", help="exit 1 if any row was skipped")
+    parser.add_argument("--layout", choices=("laion", "clip_benchmark"), default="laion",
+                        help="laion: KEY.jpg + KEY.txt (+ KEY.json) training/eval shards (default); "
+                             "clip_benchmark: labelled KEY.<image> + KEY.cls with classnames.txt, "
+                             "zeroshot_classification_templates.txt, SPLIT/nshards.txt")
+    parser.add_argument("--label-column", default="label", help="clip_benchmark layout: listing column with the "
+                        "integer class id")
+    parser.add_argument("--class-names", help="clip_benchmark layout: text file, line i = name of class i")
+    parser.add_argument("--templates", help="clip_benchmark layout: text file, one prompt per line with {} or {c} "
+                        "for the class name (default: 'a photo of a {c}.'; --builtin: the dataset's own)")
+    parser.add_argument("--split", default="test", help="clip_benchmark layout: split directory (default: test)")
     parser.add_argument("--image-size", type=int, default=32, help="--builtin: image side in pixels")
     parser.add_argument("--augment-copies", type=int, default=1, help="--builtin: renderings per train image")
     parser.add_argument("--seed", type=int, default=0, help="--builtin: colour/offset/caption seed")
@@ -131,11 +148,73 @@ def write_from_listing(args) -> tuple[dict, Counter, list[str]]:
     return writer.summary, skipped, examples
 
 
+def _read_lines(path: str) -> list[str]:
+    with open(path, encoding="utf-8") as f:
+        return [line.strip() for line in f if line.strip()]
+
+
+def write_clip_benchmark(args) -> int:
+    """--layout clip_benchmark: a labelled evaluation set in CLIP_benchmark's webdataset layout."""
+    from rils_scale.data import clip_benchmark as cb
+    if args.builtin:
+        result = cb.write_builtin(args.builtin, args.output, image_size=args.image_size, seed=args.seed,
+                                  shard_size=args.shard_size)
+        for split, r in result.items():
+            print(f"{split}: {r['count']} samples in {len(r['shards'])} shard(s) -> {r['dir']}")
+        return 0
+    if not args.class_names:
+        print("error: --layout clip_benchmark with --input needs --class-names FILE", file=sys.stderr)
+        return 2
+    names = _read_lines(args.class_names)
+    templates = _read_lines(args.templates) if args.templates else list(cb.DEFAULT_TEMPLATES)
+    listing = Path(args.input)
+    rows = read_listing(listing, args.format, args.image_column, args.label_column)
+    skipped: Counter = Counter()
+
+    def samples():
+        for row_no, row in enumerate(rows, 1):
+            path = Path(str(row.get(args.image_column) or ""))
+            path = path if path.is_absolute() else listing.parent / path
+            try:
+                label = int(str(row.get(args.label_column)).strip())
+            except ValueError:
+                skipped["bad_label"] += 1
+                continue
+            if not 0 <= label < len(names):
+                skipped["label_out_of_range"] += 1
+                continue
+            try:
+                data, ext = cb.read_image_bytes(str(path))
+            except (OSError, ValueError):
+                skipped["missing_or_unreadable_image"] += 1
+                continue
+            yield data, ext, label
+
+    cb.check_split_free(args.output, args.split)
+    cb.write_metadata(args.output, names, templates)
+    result = cb.write_split(args.output, args.split, samples(), len(names), args.shard_size or 10000)
+    print(f"wrote {result['count']} samples in {len(result['shards'])} shard(s) to {result['dir']}"
+          + (f"; skipped {sum(skipped.values())}: {dict(skipped)}" if skipped else ""))
+    if args.strict and skipped:
+        print("error: rows were skipped and --strict is set", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.shard_size is not None and args.shard_size < 1:
         print(f"error: --shard-size must be >= 1, got {args.shard_size}", file=sys.stderr)
         return 2
+    if args.layout == "clip_benchmark":
+        if args.input and not os.path.isfile(args.input):
+            print(f"error: listing not found: {args.input}", file=sys.stderr)
+            return 2
+        try:
+            return write_clip_benchmark(args)
+        except (ListingError, FileExistsError, UnicodeDecodeError, csv.Error, ValueError, FileNotFoundError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2 if not isinstance(err, ValueError) or isinstance(err, ListingError) else 1
     if args.builtin:
         from rils_scale.data.builtin import write_named_builtin
         try:

@@ -1,12 +1,13 @@
-"""Export a checkpoint as ``rils`` (safetensors + config), ``timm`` (vision encoder) or
-``deepspeed`` (weights-only checkpoint for another TP size). All three stream: one full
-tensor in memory at a time (see docs/checkpoints.md).
+"""Export a checkpoint as ``rils`` (safetensors + config), ``timm`` (vision encoder, timm's hub
+layout), ``open_clip`` (image + text towers, OpenCLIP's ``local-dir:`` layout; see
+``open_clip_export``) or ``deepspeed`` (weights-only checkpoint for another TP size). All
+stream: one full tensor in memory at a time (see docs/checkpoints.md).
 """
 from __future__ import annotations
 
 import os
 import shutil
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 
@@ -17,7 +18,7 @@ from .layout import WEIGHTS_ONLY_MARKER, CheckpointError, tensor_parallel_layout
 from .serialization import StreamingSafetensorsWriter, write_json
 from .sources import RILS_CONFIG, RILS_FORMAT, RILS_WEIGHTS, Source, source_run_config, source_tokenizer
 
-FORMATS = ("rils", "timm", "deepspeed")
+FORMATS = ("rils", "timm", "open_clip", "deepspeed")
 
 
 def _image_config(cfg: RILSConfig) -> dict:
@@ -78,7 +79,8 @@ def timm_model_kwargs(cfg: RILSConfig, num_classes: Optional[int] = None) -> dic
       the patch tokens only (``pool_include_prefix=False`` drops the cls token) -- exactly
       RILS's "mean of final-normed patch tokens, cls excluded";
     - ``qkv_bias=True``: the fused ``qkv.bias`` holds (q_bias, 0, v_bias);
-    - timm's default LayerNorm eps is 1e-6 and its MLP activation exact GELU, as in RILS;
+    - timm's default LayerNorm eps is 1e-6 and its MLP activation exact GELU, as in RILS
+      (``act_layer="quick_gelu"`` when the vision tower was trained with QuickGELU);
     - ``num_classes=embed_dim``: the head is the image projection, so ``model(x)`` equals
       ``encode_image(x)`` (unnormalised); ``num_classes=0`` gives the pooled encoder features.
     """
@@ -89,7 +91,7 @@ def timm_model_kwargs(cfg: RILSConfig, num_classes: Optional[int] = None) -> dic
     ratio = hidden / v.width
     if int(v.width * ratio) != hidden:  # timm uses int(dim * mlp_ratio)
         ratio = (hidden + 0.5) / v.width
-    return {
+    kwargs = {
         "img_size": v.image_size, "patch_size": v.patch_size, "in_chans": 3,
         "num_classes": cfg.embed_dim if num_classes is None else num_classes,
         "global_pool": "avg", "fc_norm": False, "class_token": True, "no_embed_class": False,
@@ -97,6 +99,29 @@ def timm_model_kwargs(cfg: RILSConfig, num_classes: Optional[int] = None) -> dic
         "mlp_ratio": ratio, "qkv_bias": True, "qk_norm": False, "init_values": None, "reg_tokens": 0,
         "dynamic_img_size": False,
     }
+    activation = vision_activation(cfg)
+    if activation != "gelu":
+        kwargs["act_layer"] = activation  # timm's get_act_layer("quick_gelu") is x * sigmoid(1.702 x)
+    return kwargs
+
+
+def vision_activation(cfg: RILSConfig) -> str:
+    """MLP activation of the vision tower: ``"gelu"`` (exact) or ``"quick_gelu"``; configs
+    written before the ``activation`` field existed are GELU."""
+    return _activation(getattr(cfg.vision, "activation", "gelu"))
+
+
+def text_activation(cfg: RILSConfig) -> str:
+    """MLP activation of the text tower (``"gelu"`` for configs without the field)."""
+    return _activation(getattr(cfg.text, "activation", "gelu"))
+
+
+def _activation(name: str) -> str:
+    name = str(name).lower().replace("-", "_")
+    name = {"quickgelu": "quick_gelu", "gelu_exact": "gelu"}.get(name, name)
+    if name not in ("gelu", "quick_gelu"):
+        raise CheckpointError(f"activation {name!r} has no timm/OpenCLIP equivalent (gelu, quick_gelu)")
+    return name
 
 
 def _timm_entries(cfg: RILSConfig) -> List[Tuple[str, Tuple[int, ...]]]:
@@ -134,52 +159,87 @@ def rils_to_timm_name(name: str) -> Optional[str]:
     return None
 
 
+def iter_timm_tensors(source: Source) -> Iterator[Tuple[str, torch.Tensor]]:
+    """``(timm name, tensor)`` of the vision encoder + projection head, one at a time."""
+    cfg = source.model_config
+    names = [n for n in source.names() if n.startswith("visual.") or n == "image_projection.weight"]
+    yield "pos_embed", sincos_2d_position_embedding(cfg.vision.width, cfg.vision.grid_size)[None]
+    yield "head.bias", torch.zeros(cfg.embed_dim)
+    pending: Dict[str, Dict[str, torch.Tensor]] = {}
+    for name, tensor in source.iter_full_tensors(names):
+        if name.endswith(("attn.q_bias", "attn.v_bias")):
+            block = name.rsplit(".", 1)[0][len("visual.transformer."):]  # blocks.i.attn
+            pending.setdefault(block, {})[name.rsplit(".", 1)[1]] = tensor
+            if len(pending[block]) == 2:  # RILS's k bias is fixed at zero (BEiT style)
+                pair = pending.pop(block)
+                q, v = pair["q_bias"], pair["v_bias"]
+                yield block + ".qkv.bias", torch.cat([q, torch.zeros_like(q), v])
+            continue
+        target = rils_to_timm_name(name)
+        if target is not None:
+            yield target, (tensor.t().contiguous() if target == "head.weight" else tensor)
+
+
+def timm_hub_config(cfg: RILSConfig, source: Optional[Source] = None) -> dict:
+    """timm's hub ``config.json``: what ``timm.create_model("local-dir:DIR")`` reads.
+
+    ``model_args`` override every structural value of the named architecture; ``num_classes``
+    is left to ``pretrained_cfg`` so that passing ``num_classes=N`` makes timm drop the
+    ``head`` (the image projection) and build a fresh one; ``pretrained_cfg`` carries the
+    evaluation transform the model was trained with, which ``resolve_data_config`` returns.
+    """
+    kwargs = timm_model_kwargs(cfg)
+    kwargs.pop("num_classes")
+    image = _image_config(cfg)
+    size = image["size"]
+    out = {
+        "architecture": "vit_base_patch16_224",
+        "num_classes": cfg.embed_dim,
+        "num_features": cfg.vision.width,
+        "global_pool": "avg",
+        "model_args": kwargs,
+        "pretrained_cfg": {
+            "tag": "rils", "custom_load": False, "input_size": [3, size, size], "fixed_input_size": True,
+            "interpolation": image["interpolation"], "crop_pct": 1.0, "crop_mode": "center",
+            "mean": image["mean"], "std": image["std"], "num_classes": cfg.embed_dim, "pool_size": None,
+            "first_conv": "patch_embed.proj", "classifier": "head",
+        },
+    }
+    if source is not None:
+        out["rils_source"] = source.describe()
+    return out
+
+
 def export_timm(source: Source, output_dir: str, *, overwrite: bool = False) -> Dict[str, str]:
-    """The vision encoder (+ image projection as ``head``) as a timm ``VisionTransformer``:
-    ``model.safetensors`` + ``timm_config.json``."""
+    """The vision encoder (+ image projection as ``head``) in timm's hub layout:
+    ``config.json`` + ``model.safetensors``, loaded by
+    ``timm.create_model("local-dir:DIR", pretrained=True[, num_classes=N])``. Also writes the
+    older ``timm_config.json`` sidecar (``model_kwargs`` for ``VisionTransformer(**kwargs)``)."""
     _prepare_dir(output_dir, overwrite)
     cfg = source.model_config
-    kwargs = timm_model_kwargs(cfg)
-    entries = _timm_entries(cfg)
     weights = os.path.join(output_dir, "model.safetensors")
-    names = [n for n in source.names() if n.startswith("visual.") or n == "image_projection.weight"]
-    with StreamingSafetensorsWriter(weights, [(n, s, torch.float32) for n, s in entries],
+    with StreamingSafetensorsWriter(weights, [(n, s, torch.float32) for n, s in _timm_entries(cfg)],
                                     {"format": "pt", "producer": "rils_scale"}) as writer:
-        writer.write("pos_embed", sincos_2d_position_embedding(cfg.vision.width, cfg.vision.grid_size)[None])
-        writer.write("head.bias", torch.zeros(cfg.embed_dim))
-        pending: Dict[str, Dict[str, torch.Tensor]] = {}
-        for name, tensor in source.iter_full_tensors(names):
-            if name.endswith(("attn.q_bias", "attn.v_bias")):
-                block = name.rsplit(".", 1)[0][len("visual.transformer."):]  # blocks.i.attn
-                pending.setdefault(block, {})[name.rsplit(".", 1)[1]] = tensor
-                if len(pending[block]) == 2:  # RILS's k bias is fixed at zero (BEiT style)
-                    pair = pending.pop(block)
-                    q, v = pair["q_bias"], pair["v_bias"]
-                    writer.write(block + ".qkv.bias", torch.cat([q, torch.zeros_like(q), v]))
-                continue
-            target = rils_to_timm_name(name)
-            if target is None:
-                continue
-            writer.write(target, tensor.t().contiguous() if target == "head.weight" else tensor)
-    image = _image_config(cfg)
+        for name, tensor in iter_timm_tensors(source):
+            writer.write(name, tensor)
+    hub = timm_hub_config(cfg, source)
+    write_json(os.path.join(output_dir, "config.json"), hub)
     write_json(os.path.join(output_dir, "timm_config.json"), {
-        "architecture": "vit_base_patch16_224",
-        "model_kwargs": kwargs,
-        "usage": ("timm.create_model(cfg['architecture'], pretrained=False, **cfg['model_kwargs']) or "
-                  "timm.models.vision_transformer.VisionTransformer(**cfg['model_kwargs']); then "
-                  "model.load_state_dict(safetensors.torch.load_file('model.safetensors'), strict=True). "
-                  "model(x) == RILS encode_image(x) (unnormalised); model.reset_classifier(0) or "
-                  "num_classes=0 (drop head.* when loading) gives the pooled features; "
-                  "model.forward_features(x) the final-normed tokens [B, 1 + N, D] (cls first)."),
-        "pretrained_cfg": {"input_size": [3, image["size"], image["size"]], "mean": image["mean"],
-                           "std": image["std"], "interpolation": "bicubic", "crop_pct": 1.0,
-                           "num_classes": cfg.embed_dim},
+        "architecture": hub["architecture"],
+        "model_kwargs": timm_model_kwargs(cfg),
+        "usage": ("timm.create_model('local-dir:' + DIR, pretrained=True) (config.json); or "
+                  "timm.models.vision_transformer.VisionTransformer(**cfg['model_kwargs']) + "
+                  "load_state_dict(safetensors.torch.load_file('model.safetensors'), strict=True). "
+                  "model(x) == RILS encode_image(x) (unnormalised); num_classes=0 gives the pooled "
+                  "features; model.forward_features(x) the final-normed tokens [B, 1 + N, D] (cls first)."),
+        "pretrained_cfg": hub["pretrained_cfg"],
         "notes": {"pos_embed": "fixed 2-D sin-cos table (MAE), stored as timm's learnable pos_embed; "
                                "freeze it or keep it, and resample it for other resolutions",
                   "head": "RILS image_projection (weight = projection.T, zero bias)"},
         "source": source.describe(),
     })
-    return {"weights": weights, "config": os.path.join(output_dir, "timm_config.json")}
+    return {"weights": weights, "config": os.path.join(output_dir, "config.json"),
+            "sidecar": os.path.join(output_dir, "timm_config.json")}
 
 
 # ---------------------------------------------------------------------------------- deepspeed
@@ -281,11 +341,14 @@ def _jsonable(obj):
 
 
 def export(source: Source, fmt: str, output: str, *, tensor_parallel: int = 1, tokenizer: Optional[str] = None,
-           overwrite: bool = False) -> Dict[str, str]:
+           overwrite: bool = False, vision_tower: str = "auto") -> Dict[str, str]:
     if fmt == "rils":
         return export_rils(source, output, tokenizer=tokenizer, overwrite=overwrite)
     if fmt == "timm":
         return export_timm(source, output, overwrite=overwrite)
+    if fmt == "open_clip":
+        from .open_clip_export import export_open_clip
+        return export_open_clip(source, output, tokenizer=tokenizer, vision_tower=vision_tower, overwrite=overwrite)
     if fmt == "deepspeed":
         return export_deepspeed(source, output, tensor_parallel, tokenizer=tokenizer, overwrite=overwrite)
     raise CheckpointError(f"unknown format {fmt!r}; choose from {FORMATS}")

@@ -201,13 +201,16 @@ if triton is not None:
 
 
 def _config(device: torch.device, D: int) -> dict:
-    """Tile sizes. GPU values are a starting point chosen from the register budget (untuned: no GPU has
-    run them yet); the interpreter uses the smallest tiles ``tl.dot`` accepts (16)."""
+    """Tile sizes. GPU: chosen so that ptxas (Triton's, sm_90a, bf16) reports no spills at 8 warps --
+    tests/test_kl_triton_compile.py checks it without a GPU -- but NOT tuned for speed (no GPU has run
+    them). ``ds`` / ``dt``: (BLOCK_P, BLOCK_M) of the two backward kernels, whose fp32 accumulators are
+    ``[64, BLOCK_DO]``: their inner tile is 32 wide to leave registers for it. The interpreter uses the
+    smallest tiles ``tl.dot`` accepts (16)."""
     if device.type != "cuda":
-        return dict(BLOCK_P=16, BLOCK_M=16, BLOCK_D=16, BLOCK_DO=16, num_warps=1, bwd_num_warps=1)
-    # backward programs also hold a [64, BLOCK_DO] fp32 accumulator: 8 warps keep it out of local memory
+        return dict(BLOCK_P=16, BLOCK_M=16, BLOCK_D=16, BLOCK_DO=16, ds=(16, 16), dt=(16, 16), num_warps=1,
+                    bwd_num_warps=1)
     return dict(BLOCK_P=64, BLOCK_M=64, BLOCK_D=64, BLOCK_DO=min(128, max(16, triton.next_power_of_2(D))),
-                num_warps=4, bwd_num_warps=8)
+                ds=(64, 32), dt=(32, 64), num_warps=8, bwd_num_warps=8)
 
 
 def _sm_count(device: torch.device) -> int:
@@ -290,19 +293,21 @@ class _TritonKL(torch.autograd.Function):
         M = T.shape[0]
         gs = (grad.float() / student_temp).contiguous()
         cfg = _config(st.device, D)
-        bp, bm, bd, bdo = cfg["BLOCK_P"], cfg["BLOCK_M"], cfg["BLOCK_D"], cfg["BLOCK_DO"]
+        bd, bdo = cfg["BLOCK_D"], cfg["BLOCK_DO"]
         args = (_LOG2E / teacher_temp, _LOG2E / student_temp)
-        kw = dict(BLOCK_P=bp, BLOCK_M=bm, BLOCK_D=bd, BLOCK_DO=bdo, num_warps=cfg["bwd_num_warps"], **_flags(st))
+        kw = dict(BLOCK_D=bd, BLOCK_DO=bdo, num_warps=cfg["bwd_num_warps"], **_flags(st))
         d_s = d_t = None
         if need_s:
+            bp, bm = cfg["ds"]
             d_s = torch.empty(P, D, dtype=torch.float32, device=st.device)
             _bwd_ds_kernel[(triton.cdiv(P, bp), triton.cdiv(D, bdo))](te, st, T, lse_a, lse_b, gs, d_s, P, M, D,
-                                                                      *args, **kw)
+                                                                      *args, BLOCK_P=bp, BLOCK_M=bm, **kw)
             d_s = d_s.to(s_dtype)
         if need_t:
+            bp, bm = cfg["dt"]
             d_t = torch.empty(M, D, dtype=torch.float32, device=st.device)
             _bwd_dt_kernel[(triton.cdiv(M, bm), triton.cdiv(D, bdo))](te, st, T, lse_a, lse_b, gs, d_t, P, M, D,
-                                                                      *args, **kw)
+                                                                      *args, BLOCK_P=bp, BLOCK_M=bm, **kw)
             d_t = d_t.to(t_dtype)
         return d_s, None, d_t, None, None, None
 

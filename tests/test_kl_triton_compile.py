@@ -56,7 +56,8 @@ def test_triton_kernels_compile_for_sm90_without_spills():
     }
     for name, kern, out, (bp, bm) in (("ds", kl_triton._bwd_ds_kernel, "ds_ptr", cfg["ds"]),
                                       ("dt", kl_triton._bwd_dt_kernel, "dt_ptr", cfg["dt"])):
-        reports[name] = _compile_and_spills(kern, {**ins, **lse, out: f32, **scal, **temps},
+        split = "m_per_split" if name == "ds" else "p_per_split"
+        reports[name] = _compile_and_spills(kern, {**ins, **lse, out: f32, **scal, **temps, split: "i32"},
                                             dict(flags, BLOCK_P=bp, BLOCK_M=bm, BLOCK_DO=cfg["BLOCK_DO"]),
                                             cfg["bwd_num_warps"])
     for name, lines in reports.items():

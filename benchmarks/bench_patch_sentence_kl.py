@@ -221,7 +221,7 @@ def main(argv=None):
             rt = f"{r['time_s'] / base['time_s']:.3f}" if base else "-"
             rm = f"{r['peak_bytes'] / base['peak_bytes']:.4f}" if base and base["peak_bytes"] > 0 else "-"
             line += (f"{r['time_s']:>8.3f} {r['peak_bytes'] / 2**20:>9.1f} {rt:>10} {rm:>9} "
-                     f"{r['executed_products']:>8} {r['executed_tflops']:>12.3f} {r['model_tflops']:>13.3f}")
+                     f"{r['executed_products']:>8} {r['executed_tflops']:>12.4g} {r['model_tflops']:>13.4g}")
             if "mm_tflops" in r:
                 line += f" {r['mm_tflops']:>10.1f} {100 * r['executed_tflops'] / r['mm_tflops']:>11.1f}%"
             print(line, flush=True)

@@ -26,7 +26,7 @@ class LossConfig:
     retrieval_filter: bool = True
     """Reconstruct only samples whose image->text top-1 retrieval is correct (the paper)."""
     kl_backend: str = "auto"
-    """Backend of rils_scale.ops.patch_sentence_kl: auto | streaming | cuda | reference."""
+    """Backend of rils_scale.ops.patch_sentence_kl: one of rils_scale.ops.BACKENDS."""
 
 
 class RILSLoss(torch.nn.Module):

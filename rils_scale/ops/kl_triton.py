@@ -6,8 +6,9 @@ the online statistics are updated in registers (base 2: max and sum of exp2 for 
 and ``sum 2^(a - m_a) (a - b)``). The M split makes the grid fill the SMs when P is small (early in
 training, under TP); the partial statistics ``[splits, P, 5]`` are combined by a few PyTorch ops.
 
-Backward: ``_bwd_ds_kernel`` (grid row blocks x D blocks) and ``_bwd_dt_kernel`` (grid prototype
-blocks x D blocks) recompute the logit tiles from the saved base-2 LSEs, form
+Backward: ``_bwd_ds_kernel`` (grid row blocks x D blocks x M splits) and ``_bwd_dt_kernel`` (grid
+prototype blocks x D blocks x P splits; the splits fill the SMs when P or M is small, their partial
+sums are added in a fixed order) recompute the logit tiles from the saved base-2 LSEs, form
 ``G = (p - q) * g / tau_s`` in registers, round it to the input dtype and accumulate ``G @ T`` resp.
 ``G^T @ S`` with ``tl.dot`` in fp32. Each output element belongs to one program and is reduced in a
 fixed order: no atomics, bitwise repeatable. When D exceeds the output block (``BLOCK_DO``), the
@@ -152,12 +153,16 @@ if triton is not None:
 
     @triton.jit
     def _bwd_ds_kernel(te_ptr, st_ptr, t_ptr, lse_a_ptr, lse_b_ptr, gs_ptr, ds_ptr, P, M, D, alpha_t, alpha_s,
-                       BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+                       m_per_split, BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
                        BLOCK_DO: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr):
+        """Partial dS of split ``program_id(2)`` (its M range) into ``ds[split] [P, D]``."""
         rp = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
         ro = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
+        pid_s = tl.program_id(2)
+        m_start = pid_s * m_per_split
+        m_end = tl.minimum(M, m_start + m_per_split)
         acc = tl.zeros((BLOCK_P, BLOCK_DO), dtype=tl.float32)
-        for m0 in range(0, M, BLOCK_M):
+        for m0 in range(m_start, m_end, BLOCK_M):       # m_per_split is a multiple of BLOCK_M
             rm = m0 + tl.arange(0, BLOCK_M)
             g = _g_tile(te_ptr, st_ptr, t_ptr, lse_a_ptr, lse_b_ptr, gs_ptr, rp, rm, P, M, D, alpha_t, alpha_s,
                         BLOCK_P, BLOCK_M, BLOCK_D, DOT_F32, IEEE)
@@ -171,17 +176,21 @@ if triton is not None:
                 acc = tl.dot(g, tt, acc, input_precision="ieee")
             else:
                 acc = tl.dot(g, tt, acc)
-        tl.store(ds_ptr + rp.to(tl.int64)[:, None] * D + ro[None, :], acc,
-                 mask=(rp < P)[:, None] & (ro < D)[None, :])
+        out = ds_ptr + pid_s.to(tl.int64) * P * D
+        tl.store(out + rp.to(tl.int64)[:, None] * D + ro[None, :], acc, mask=(rp < P)[:, None] & (ro < D)[None, :])
 
     @triton.jit
     def _bwd_dt_kernel(te_ptr, st_ptr, t_ptr, lse_a_ptr, lse_b_ptr, gs_ptr, dt_ptr, P, M, D, alpha_t, alpha_s,
-                       BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+                       p_per_split, BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
                        BLOCK_DO: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr):
+        """Partial dT of split ``program_id(2)`` (its P range) into ``dt[split] [M, D]``."""
         rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         ro = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
+        pid_s = tl.program_id(2)
+        p_start = pid_s * p_per_split
+        p_end = tl.minimum(P, p_start + p_per_split)
         acc = tl.zeros((BLOCK_M, BLOCK_DO), dtype=tl.float32)
-        for p0 in range(0, P, BLOCK_P):
+        for p0 in range(p_start, p_end, BLOCK_P):       # p_per_split is a multiple of BLOCK_P
             rp = p0 + tl.arange(0, BLOCK_P)
             g = _g_tile(te_ptr, st_ptr, t_ptr, lse_a_ptr, lse_b_ptr, gs_ptr, rp, rm, P, M, D, alpha_t, alpha_s,
                         BLOCK_P, BLOCK_M, BLOCK_D, DOT_F32, IEEE)
@@ -196,18 +205,29 @@ if triton is not None:
                 acc = tl.dot(gt, ss, acc, input_precision="ieee")
             else:
                 acc = tl.dot(gt, ss, acc)
-        tl.store(dt_ptr + rm.to(tl.int64)[:, None] * D + ro[None, :], acc,
-                 mask=(rm < M)[:, None] & (ro < D)[None, :])
+        out = dt_ptr + pid_s.to(tl.int64) * M * D
+        tl.store(out + rm.to(tl.int64)[:, None] * D + ro[None, :], acc, mask=(rm < M)[:, None] & (ro < D)[None, :])
+
+
+def _splits(programs: int, tiles: int, tile: int, device: torch.device, forced: int | None = None) -> tuple[int, int]:
+    """(splits, elements per split) of a reduction axis of ``tiles`` tiles so that ``programs x splits``
+    gives ~4 programs per SM (small P or small M would otherwise leave SMs idle)."""
+    want = forced or max(1, min(tiles, triton.cdiv(4 * _sm_count(device), max(1, programs))))
+    per = triton.cdiv(tiles, max(1, min(want, tiles))) * tile
+    return triton.cdiv(tiles * tile, per), per
 
 
 def _config(device: torch.device, D: int) -> dict:
-    """Tile sizes. GPU values are a starting point chosen from the register budget (untuned: no GPU has
-    run them yet); the interpreter uses the smallest tiles ``tl.dot`` accepts (16)."""
+    """Tile sizes. GPU: chosen so that ptxas (Triton's, sm_90a, bf16) reports no spills at 8 warps --
+    tests/test_kl_triton_compile.py checks it without a GPU -- but NOT tuned for speed (no GPU has run
+    them). ``ds`` / ``dt``: (BLOCK_P, BLOCK_M) of the two backward kernels, whose fp32 accumulators are
+    ``[64, BLOCK_DO]``: their inner tile is 32 wide to leave registers for it. The interpreter uses the
+    smallest tiles ``tl.dot`` accepts (16)."""
     if device.type != "cuda":
-        return dict(BLOCK_P=16, BLOCK_M=16, BLOCK_D=16, BLOCK_DO=16, num_warps=1, bwd_num_warps=1)
-    # backward programs also hold a [64, BLOCK_DO] fp32 accumulator: 8 warps keep it out of local memory
+        return dict(BLOCK_P=16, BLOCK_M=16, BLOCK_D=16, BLOCK_DO=16, ds=(16, 16), dt=(16, 16), num_warps=1,
+                    bwd_num_warps=1)
     return dict(BLOCK_P=64, BLOCK_M=64, BLOCK_D=64, BLOCK_DO=min(128, max(16, triton.next_power_of_2(D))),
-                num_warps=4, bwd_num_warps=8)
+                ds=(64, 32), dt=(32, 64), num_warps=8, bwd_num_warps=8)
 
 
 def _sm_count(device: torch.device) -> int:
@@ -237,11 +257,7 @@ def forward_stats(st, te, T, student_temp, teacher_temp, splits: int | None = No
     cfg = _config(st.device, D)
     bp, bm = cfg["BLOCK_P"], cfg["BLOCK_M"]
     n_p = triton.cdiv(P, bp)
-    n_m = triton.cdiv(M, bm)
-    if splits is None:
-        splits = max(1, min(n_m, triton.cdiv(4 * _sm_count(st.device), n_p)))
-    m_per_split = triton.cdiv(n_m, max(1, min(splits, n_m))) * bm
-    splits = triton.cdiv(M, m_per_split)
+    splits, m_per_split = _splits(n_p, triton.cdiv(M, bm), bm, st.device, splits)
     stats = torch.empty(splits, P, 5, dtype=torch.float32, device=st.device)
     _fwd_kernel[(n_p, splits)](te, st, T, stats, P, M, D, _LOG2E / teacher_temp, _LOG2E / student_temp,
                                m_per_split, BLOCK_P=bp, BLOCK_M=bm, BLOCK_D=cfg["BLOCK_D"],
@@ -290,20 +306,28 @@ class _TritonKL(torch.autograd.Function):
         M = T.shape[0]
         gs = (grad.float() / student_temp).contiguous()
         cfg = _config(st.device, D)
-        bp, bm, bd, bdo = cfg["BLOCK_P"], cfg["BLOCK_M"], cfg["BLOCK_D"], cfg["BLOCK_DO"]
+        bd, bdo = cfg["BLOCK_D"], cfg["BLOCK_DO"]
         args = (_LOG2E / teacher_temp, _LOG2E / student_temp)
-        kw = dict(BLOCK_P=bp, BLOCK_M=bm, BLOCK_D=bd, BLOCK_DO=bdo, num_warps=cfg["bwd_num_warps"], **_flags(st))
+        kw = dict(BLOCK_D=bd, BLOCK_DO=bdo, num_warps=cfg["bwd_num_warps"], **_flags(st))
         d_s = d_t = None
+        n_d = triton.cdiv(D, bdo)
+        # Partial sums per split of the reduction axis, added in a fixed order (deterministic, no atomics).
         if need_s:
-            d_s = torch.empty(P, D, dtype=torch.float32, device=st.device)
-            _bwd_ds_kernel[(triton.cdiv(P, bp), triton.cdiv(D, bdo))](te, st, T, lse_a, lse_b, gs, d_s, P, M, D,
-                                                                      *args, **kw)
-            d_s = d_s.to(s_dtype)
+            bp, bm = cfg["ds"]
+            n_p = triton.cdiv(P, bp)
+            splits, per = _splits(n_p * n_d, triton.cdiv(M, bm), bm, st.device)
+            part = torch.empty(splits, P, D, dtype=torch.float32, device=st.device)
+            _bwd_ds_kernel[(n_p, n_d, splits)](te, st, T, lse_a, lse_b, gs, part, P, M, D, *args, per,
+                                               BLOCK_P=bp, BLOCK_M=bm, **kw)
+            d_s = (part[0] if splits == 1 else part.sum(0)).to(s_dtype)
         if need_t:
-            d_t = torch.empty(M, D, dtype=torch.float32, device=st.device)
-            _bwd_dt_kernel[(triton.cdiv(M, bm), triton.cdiv(D, bdo))](te, st, T, lse_a, lse_b, gs, d_t, P, M, D,
-                                                                      *args, **kw)
-            d_t = d_t.to(t_dtype)
+            bp, bm = cfg["dt"]
+            n_m = triton.cdiv(M, bm)
+            splits, per = _splits(n_m * n_d, triton.cdiv(P, bp), bp, st.device)
+            part = torch.empty(splits, M, D, dtype=torch.float32, device=st.device)
+            _bwd_dt_kernel[(n_m, n_d, splits)](te, st, T, lse_a, lse_b, gs, part, P, M, D, *args, per,
+                                               BLOCK_P=bp, BLOCK_M=bm, **kw)
+            d_t = (part[0] if splits == 1 else part.sum(0)).to(t_dtype)
         return d_s, None, d_t, None, None, None
 
 

@@ -66,7 +66,7 @@ class TrainConfig:
     no_retrieval_filter: bool = False
     """Reconstruct every sample, not only correctly retrieved ones."""
     kl_backend: str = "auto"
-    """patch_sentence_kl backend: auto | streaming | cuda | reference."""
+    """patch_sentence_kl backend: one of rils_scale.ops.BACKENDS (auto: fastest self-checked, measured)."""
     # --- parallelism
     tensor_parallel: int = 1
     """Tensor-parallel ranks (consecutive ranks, inside a node)."""

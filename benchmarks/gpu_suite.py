@@ -302,9 +302,12 @@ def run_command(cmd: List[str], env: dict, timeout_s: float) -> dict:
     try:
         output, _ = proc.communicate(timeout=max(timeout_s, 1))
         rc, timed_out = proc.returncode, False
-    except subprocess.TimeoutExpired:
+    except subprocess.TimeoutExpired as exc:
         os.killpg(proc.pid, signal.SIGKILL)
-        output, _ = proc.communicate()
+        try:  # a grandchild outside the group could hold the pipe open: do not wait on it for long
+            output, _ = proc.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            output = exc.output if isinstance(exc.output, str) else ""
         rc, timed_out = None, True
     return {"cmd": cmd, "rc": rc, "timed_out": timed_out, "seconds": round(time.time() - t0, 1),
             "output": output or ""}

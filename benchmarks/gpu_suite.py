@@ -168,6 +168,7 @@ def kl_commands(ctx: Context):
 
 
 def kl_check(ctx: Context, result: dict) -> Optional[str]:
+    result["tables"] = sorted(glob.glob(ctx.path("kl", "*.md")))
     if ctx.cpu and "--time-budget-s" not in result["output"]:
         return f"{KL_SCRIPT} --help does not offer --time-budget-s"
     return None
@@ -185,6 +186,7 @@ def attention_check(ctx: Context, result: dict) -> Optional[str]:
     data = _read_json(ctx.path("attention.json"))
     if data is None:
         return "no attention.json"
+    result["tables"] = [ctx.path("attention.md")]
     result["summary"] = [{k: r.get(k) for k in ("seq", "backend", "status", "fwd_bwd_ms", "tflops", "grad_err")}
                          for r in data["rows"]]
     return None
@@ -203,6 +205,7 @@ def step_check(ctx: Context, result: dict) -> Optional[str]:
     data = _read_json(ctx.path("bench_step.json"))
     if data is None:
         return "no bench_step.json"
+    result["tables"] = [ctx.path("bench_step.md")]
     rows = data["rows"]
     result["summary"] = [{k: r.get(k) for k in ("model", "attention", "kl", "status", "samples_per_s", "mfu",
                                                "executed_tflops", "peak_mem_gb")} for r in rows]
@@ -299,9 +302,12 @@ def run_command(cmd: List[str], env: dict, timeout_s: float) -> dict:
     try:
         output, _ = proc.communicate(timeout=max(timeout_s, 1))
         rc, timed_out = proc.returncode, False
-    except subprocess.TimeoutExpired:
+    except subprocess.TimeoutExpired as exc:
         os.killpg(proc.pid, signal.SIGKILL)
-        output, _ = proc.communicate()
+        try:  # a grandchild outside the group could hold the pipe open: do not wait on it for long
+            output, _ = proc.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            output = exc.output if isinstance(exc.output, str) else ""
         rc, timed_out = None, True
     return {"cmd": cmd, "rc": rc, "timed_out": timed_out, "seconds": round(time.time() - t0, 1),
             "output": output or ""}
@@ -363,7 +369,10 @@ def write_report(ctx: Context, header: dict) -> None:
         lines.append(f"| {r['part']} | {r['status']} | {r.get('seconds', '')} | {r['budget_s']} | "
                      f"{r['reason'].replace('|', '/')} |")
     for r in ctx.results:
-        if r.get("summary"):
+        tables = [open(t).read().strip() for t in r.get("tables", []) if os.path.exists(t)]
+        if tables:  # the part's own markdown (benchmark tables), else its summary
+            lines += ["", f"## {r['part']}", ""] + [t + "\n" for t in tables]
+        elif r.get("summary"):
             lines += ["", f"## {r['part']}", "", "```", json.dumps(r["summary"], indent=1, default=str), "```"]
     with open(os.path.join(ctx.out, "gpu_suite.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
@@ -463,6 +472,8 @@ def main(argv=None) -> int:
     write_report(ctx, header)
     bundle_outputs(ctx)
     failed = [r["part"] for r in ctx.results if r["status"] != "PASS"]
+    with open(os.path.join(args.out, "gpu_suite.md")) as f:  # the device reply carries the output's end
+        print("\n" + f.read())
     print(f"suite: {'FAIL ' + ','.join(failed) if failed else 'PASS'}; report {os.path.join(args.out, 'gpu_suite.md')}")
     return 1 if failed else 0
 

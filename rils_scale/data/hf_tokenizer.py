@@ -56,7 +56,7 @@ def _bpe_merges(vocab: Dict[str, int], mergeable: List[str]) -> List[Tuple[str, 
 
 def build_hf_tokenizer(serialized_model: bytes):
     """A ``tokenizers.Tokenizer`` equal to the SentencePiece model (see the module docstring)."""
-    from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
     from tokenizers.models import BPE
 
     proto = _load_proto(serialized_model)
@@ -88,8 +88,7 @@ def build_hf_tokenizer(serialized_model: bytes):
     tok.post_processor = processors.TemplateProcessing(
         single="<sot> $A <eot>", pair="<sot> $A <eot> $B <eot>",
         special_tokens=[("<sot>", SOT_ID), ("<eot>", EOT_ID)])
-    # control pieces are never produced from text; declaring them special keeps them whole
-    from tokenizers import AddedToken
+    # the specials are never produced from text; declaring them special keeps them whole on decode
     tok.add_special_tokens([AddedToken(name, special=True, normalized=False)
                             for _, name in sorted(specials.items())])
     return tok

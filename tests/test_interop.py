@@ -79,7 +79,8 @@ def test_make_shards_clip_benchmark_layout_from_listing(tmp_path):
 @pytest.mark.parametrize("byte_fallback", [False, True])
 def test_hf_tokenizer_conversion_gives_the_same_ids(tmp_path, byte_fallback):
     """SentencePiece -> tokenizer.json: same ids on captions and on text with unseen characters
-    (fused <unk>, or byte pieces with byte_fallback), case, NFKC forms and truncation."""
+    (fused <unk>, or byte pieces with byte_fallback), case, NFKC forms, truncation, and text that
+    spells a special token (SentencePiece encodes it as characters)."""
     pytest.importorskip("tokenizers")
     import random
     from rils_scale.data.hf_tokenizer import build_hf_tokenizer
@@ -95,7 +96,7 @@ def test_hf_tokenizer_conversion_gives_the_same_ids(tmp_path, byte_fallback):
     hf.enable_padding(length=context, pad_id=0, pad_token="<pad>")
     texts = captions[:300] + [c.upper() for c in captions[300:400]] + [
         "", "a", "emoji \U0001F600\U0001F600 中文 ÄÖÜ ß ﬁ", "ＲＥＤ ｃｉｒｃｌｅ", "e\u0301 cafe\u0301", "a\u00a0b",
-        "red " * 30, "Ωmega ΣΊΣΥΦΟΣ", "①② ½"]
+        "red " * 30, "Ωmega ΣΊΣΥΦΟΣ", "①② ½", "a <sot> red <eot> circle <pad> <unk>", "<eot>"]
     ours = tok(texts, context).tolist()
     theirs = [e.ids for e in hf.encode_batch(texts)]
     assert [t for t, a, b in zip(texts, ours, theirs) if a != b] == []

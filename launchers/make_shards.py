@@ -214,7 +214,7 @@ def main(argv=None) -> int:
             return write_clip_benchmark(args)
         except (ListingError, FileExistsError, UnicodeDecodeError, csv.Error, ValueError, FileNotFoundError) as err:
             print(f"error: {err}", file=sys.stderr)
-            return 2 if not isinstance(err, ValueError) or isinstance(err, ListingError) else 1
+            return 1 if type(err) is ValueError else 2  # 1: nothing usable to write; 2: bad arguments/listing
     if args.builtin:
         from rils_scale.data.builtin import write_named_builtin
         try:

@@ -166,7 +166,8 @@ def test_open_clip_export_matches_load_model(run, open_clip_dir, tmp_path):
     export(open_source(run["run"]), "open_clip", str(trunk_dir), vision_tower="timm")
     model = load_model(run["run"])
     texts = _captions(run["train"]) + _captions(os.path.join(run["builtin"], "heldout"))
-    texts += ["A RED Circle", "  two   blue squares ", "", "emoji \U0001F600 中文 ÄÖÜ ß ﬁ", "circle " * 40]
+    texts += ["A RED Circle", "  two   blue squares ", "", "emoji \U0001F600 中文 ÄÖÜ ß ﬁ", "circle " * 40,
+              "a <sot> red <eot> circle <pad>"]
     assert len(texts) > 4000
     ours_ids = model.tokenize(texts)
     torch.manual_seed(1)

@@ -74,3 +74,39 @@ def test_make_shards_clip_benchmark_layout_from_listing(tmp_path):
     proc = _make_shards("--input", str(tmp_path / "val.csv"), "--layout", "clip_benchmark", "--class-names",
                         str(tmp_path / "classes.txt"), "--output", str(out))
     assert proc.returncode == 2 and "already holds shards" in proc.stderr
+
+
+@pytest.mark.parametrize("byte_fallback", [False, True])
+def test_hf_tokenizer_conversion_gives_the_same_ids(tmp_path, byte_fallback):
+    """SentencePiece -> tokenizer.json: same ids on captions and on text with unseen characters
+    (fused <unk>, or byte pieces with byte_fallback), case, NFKC forms, truncation, and text that
+    spells a special token (SentencePiece encodes it as characters)."""
+    pytest.importorskip("tokenizers")
+    import random
+    from rils_scale.data.hf_tokenizer import build_hf_tokenizer
+    from rils_scale.data.tokenizer import Tokenizer, train_tokenizer
+    rng = random.Random(0)
+    words = ["red", "green", "blue", "circle", "square", "triangle", "left", "of", "a", "the", "two", "small",
+             "large", "next", "to", "above", "below", "naïve", "café"]
+    captions = [" ".join(rng.choice(words) for _ in range(rng.randint(2, 9))) for _ in range(600)]
+    tok = Tokenizer.load(train_tokenizer(captions, tmp_path / "tok", vocab_size=300, byte_fallback=byte_fallback))
+    hf = build_hf_tokenizer(tok.serialized())
+    context = 16
+    hf.enable_truncation(context)
+    hf.enable_padding(length=context, pad_id=0, pad_token="<pad>")
+    texts = captions[:300] + [c.upper() for c in captions[300:400]] + [
+        "", "a", "emoji \U0001F600\U0001F600 中文 ÄÖÜ ß ﬁ", "ＲＥＤ ｃｉｒｃｌｅ", "e\u0301 cafe\u0301", "a\u00a0b",
+        "red " * 30, "Ωmega ΣΊΣΥΦΟΣ", "①② ½", "a <sot> red <eot> circle <pad> <unk>", "<eot>"]
+    ours = tok(texts, context).tolist()
+    theirs = [e.ids for e in hf.encode_batch(texts)]
+    assert [t for t, a, b in zip(texts, ours, theirs) if a != b] == []
+
+
+def test_hf_tokenizer_refuses_non_bpe_models(tmp_path):
+    pytest.importorskip("tokenizers")
+    from rils_scale.data.hf_tokenizer import build_hf_tokenizer
+    from rils_scale.data.tokenizer import Tokenizer, train_tokenizer
+    captions = [f"a {c} {s}" for c in ("red", "green", "blue") for s in ("circle", "square")] * 20
+    tok = Tokenizer.load(train_tokenizer(captions, tmp_path / "uni", vocab_size=30, model_type="unigram"))
+    with pytest.raises(ValueError, match="only SentencePiece BPE"):
+        build_hf_tokenizer(tok.serialized())

@@ -156,6 +156,7 @@ def open_clip_model_config(cfg, vision_tower: str, trunk_dir: Optional[str] = No
             "pad_id": x.pad_id if x.pad_id is not None else PAD_ID, "norm_kwargs": {"eps": x.layer_norm_eps},
             "proj_bias": False,
             # any non-empty name selects OpenCLIP's HFTokenizer; with local-dir: it reads this directory
+            # (after uploading the directory to the Hugging Face Hub, set it to the repo id)
             "hf_tokenizer_name": "local-dir", "tokenizer_kwargs": {"clean": "whitespace"}}
     return {"embed_dim": cfg.embed_dim, "quick_gelu": text_activation(cfg) == "quick_gelu",
             "vision_cfg": vision, "text_cfg": text}
@@ -168,6 +169,12 @@ def export_open_clip(source: Source, output_dir: str, *, tokenizer: Optional[str
     ``vision_tower``: ``"native"`` (OpenCLIP's own ViT; needs the same activation in both
     towers), ``"timm"`` (a timm trunk, any activation) or ``"auto"`` (native when possible).
     """
+    try:  # the tokenizer conversion needs them; say how to get them instead of a traceback
+        import tokenizers  # noqa: F401
+        from sentencepiece import sentencepiece_model_pb2  # noqa: F401  (needs protobuf)
+    except ImportError as err:
+        raise CheckpointError(f"--format open_clip needs the interop packages ({err}): "
+                              "pip install -e '.[interop]'") from None
     from ..data.hf_tokenizer import write_hf_tokenizer
     from ..data.tokenizer import Tokenizer
     from ..data.transforms import CLIP_MEAN, CLIP_STD

@@ -18,7 +18,11 @@ The conversion is exact rather than approximate because each SentencePiece stage
 - unknown characters map to ``<unk>`` (consecutive ones fused, as SentencePiece does), or to
   byte pieces when the model was trained with ``byte_fallback``;
 - ``TemplateProcessing`` adds ``<sot>`` / ``<eot>``; truncation to the context length keeps
-  room for both, as :class:`Tokenizer` does.
+  room for both, as :class:`Tokenizer` does;
+- the four specials are named ``"<pad  >"``, ``"<unk  >"``, ``"<sot  >"``, ``"<eot  >"`` (two
+  spaces) in ``tokenizer.json`` so that no cleaned caption can contain them: SentencePiece
+  never produces a special from text, while an added token under its plain name would be
+  matched in a caption that happens to contain, say, ``"<eot>"``.
 
 Needs ``tokenizers`` and ``protobuf`` (to read the model proto); neither is imported by the
 trainer.
@@ -33,6 +37,11 @@ from .tokenizer_training import EOT_ID, PAD_ID, SOT_ID, UNK_ID
 
 # sentencepiece_model.proto: ModelProto.SentencePiece.Type
 _NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
+
+
+def special_token_name(piece: str) -> str:
+    """``"<eot>"`` -> ``"<eot  >"``: the name of a special in ``tokenizer.json`` (see below)."""
+    return piece[:-1] + "  >"
 
 
 def _load_proto(serialized: bytes):
@@ -56,7 +65,7 @@ def _bpe_merges(vocab: Dict[str, int], mergeable: List[str]) -> List[Tuple[str, 
 
 def build_hf_tokenizer(serialized_model: bytes):
     """A ``tokenizers.Tokenizer`` equal to the SentencePiece model (see the module docstring)."""
-    from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
     from tokenizers.models import BPE
 
     proto = _load_proto(serialized_model)
@@ -72,10 +81,16 @@ def build_hf_tokenizer(serialized_model: bytes):
     for i, name in specials.items():
         if pieces[i][0] != name:
             raise ValueError(f"id {i} is {pieces[i][0]!r}, expected {name!r}: train it with rils_scale.data.train_tokenizer")
+    # The specials get names that cleaned text cannot contain (a double space: OpenCLIP's
+    # whitespace cleaning and our normaliser collapse runs of spaces). Under their plain names a
+    # caption containing the literal text "<eot>" would be matched as the special token by the
+    # added-token pass, where SentencePiece encodes it as ordinary characters.
+    names = {i: special_token_name(n) for i, n in specials.items()}
+    pieces = [(names.get(i, piece), kind) for i, (piece, kind) in enumerate(pieces)]
     vocab = {piece: i for i, (piece, _) in enumerate(pieces)}
     mergeable = [piece for piece, kind in pieces if kind == _NORMAL and len(piece) > 1]
     merge_vocab = {piece: i for i, (piece, kind) in enumerate(pieces) if kind in (_NORMAL, _USER_DEFINED)}
-    tok = Tokenizer(BPE(vocab, _bpe_merges(merge_vocab, mergeable), unk_token="<unk>", fuse_unk=True,
+    tok = Tokenizer(BPE(vocab, _bpe_merges(merge_vocab, mergeable), unk_token=names[UNK_ID], fuse_unk=True,
                         byte_fallback=bool(trainer.byte_fallback)))
     steps = []
     if norm.precompiled_charsmap:
@@ -86,12 +101,11 @@ def build_hf_tokenizer(serialized_model: bytes):
     tok.decoder = decoders.Sequence(([decoders.ByteFallback()] if trainer.byte_fallback else []) +
                                     [decoders.Metaspace(replacement="▁", prepend_scheme="always", split=True)])
     tok.post_processor = processors.TemplateProcessing(
-        single="<sot> $A <eot>", pair="<sot> $A <eot> $B <eot>",
-        special_tokens=[("<sot>", SOT_ID), ("<eot>", EOT_ID)])
-    # control pieces are never produced from text; declaring them special keeps them whole
-    from tokenizers import AddedToken
-    tok.add_special_tokens([AddedToken(name, special=True, normalized=False)
-                            for _, name in sorted(specials.items())])
+        single=[names[SOT_ID], "$A", names[EOT_ID]],  # lists: the names contain spaces
+        pair=[names[SOT_ID], "$A", names[EOT_ID], "$B", names[EOT_ID]],
+        special_tokens=[(names[SOT_ID], SOT_ID), (names[EOT_ID], EOT_ID)])
+    # the specials are never produced from text; declaring them special keeps them whole on decode
+    tok.add_special_tokens([AddedToken(name, special=True, normalized=False) for _, name in sorted(names.items())])
     return tok
 
 
@@ -102,7 +116,8 @@ def write_hf_tokenizer(serialized_model: bytes, out_dir: str, context_length: in
     os.makedirs(out_dir, exist_ok=True)
     paths = [os.path.join(out_dir, n) for n in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")]
     tok.save(paths[0])
-    special = {"bos_token": "<sot>", "eos_token": "<eot>", "unk_token": "<unk>", "pad_token": "<pad>"}
+    special = {"bos_token": special_token_name("<sot>"), "eos_token": special_token_name("<eot>"),
+               "unk_token": special_token_name("<unk>"), "pad_token": special_token_name("<pad>")}
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": context_length,
               "padding_side": "right", "truncation_side": "right", "clean_up_tokenization_spaces": False,
               "add_bos_token": False, "add_eos_token": False,  # the post-processor adds them

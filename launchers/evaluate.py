@@ -18,7 +18,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-TASK_CHOICES = ("zero_shot", "retrieval", "linear_probe", "few_shot")
+TASK_CHOICES = ("zero_shot", "retrieval", "linear_probe", "few_shot", "localization")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--builtin", metavar="DIR", help="built-in dataset (make_shards.py --builtin): DIR/heldout is "
                      "evaluated, DIR/train feeds the probe and k-shot, DIR/classes.json gives class names and "
                      "prompts; written first (see --builtin-name) if DIR holds no dataset")
-    p.add_argument("--builtin-name", default="shapes", choices=("scenes", "shapes", "digits"),
+    p.add_argument("--builtin-name", default="scenes", choices=("scenes", "shapes", "digits"),
                    help="which built-in dataset --builtin writes when DIR is empty")
     src.add_argument("--data", help="evaluation shards (dir / brace pattern) or ImageFolder root")
     p.add_argument("--train-data", help="labelled training shards or ImageFolder (linear probe, k-shot)")

@@ -15,7 +15,7 @@ from .linear_probe import linear_probe
 from .retrieval import retrieval
 from .zero_shot import DEFAULT_TEMPLATES, zero_shot
 
-TASKS = ("zero_shot", "retrieval", "linear_probe", "few_shot")
+TASKS = ("zero_shot", "retrieval", "linear_probe", "few_shot", "localization")
 
 
 def read_lines(path: str) -> List[str]:
@@ -104,6 +104,11 @@ def evaluate(model, *, data: str, train_data: Optional[str] = None, tasks: Seque
                 out[task] = {"skipped": "no captions in the evaluation data (ImageFolder)"}
                 continue
             out[task] = retrieval(test.image, test.text)
+        elif task == "localization":
+            from .data import is_image_folder
+            from .localization import localization
+            out[task] = ({"skipped": "ImageFolder data has no object masks"} if is_image_folder(data) else
+                         localization(model, data, batch_size=batch_size, max_samples=max_samples))
         elif task == "linear_probe":
             out[task] = linear_probe(train.probe_features(probe_features), train.labels,
                                      test.probe_features(probe_features), test.labels, c=probe_c)
@@ -134,6 +139,13 @@ def format_table(results: Dict[str, object]) -> str:
             for direction, label in (("image_to_text", "image->text"), ("text_to_image", "text->image")):
                 for k, v in r[direction].items():
                     rows.append(("retrieval", f"{label} {k} ({r['num_pairs']} pairs)", pct(v), pct(r["chance"][k])))
+    if "localization" in tasks:
+        loc = tasks["localization"]
+        if "skipped" in loc:
+            rows.append(("localization", "skipped", loc["skipped"], ""))
+        else:
+            rows.append(("localization", f"object patches -> own phrase ({loc['num_objects']} objects)",
+                         pct(loc["accuracy"]), pct(loc["chance"])))
     if "linear_probe" in tasks:
         p = tasks["linear_probe"]
         rows.append(("linear probe", f"top-1 ({p.get('features', 'joint')} features, C={p['C']:g}, "

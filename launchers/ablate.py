@@ -97,7 +97,7 @@ def prepare_data(out: str):
 
 
 def train_and_evaluate(args, variant: str, seed: int, data: str, tokenizer: str) -> dict:
-    run_dir = os.path.join(os.path.abspath(args.output), f"{variant}_seed{seed}")
+    run_dir = os.path.join(os.path.abspath(args.output), f"{variant}_seed{seed}_steps{args.steps}_batch{args.micro_batch}")
     result_path = os.path.join(run_dir, "eval.json")
     if os.path.exists(result_path):
         with open(result_path) as f:

@@ -4,14 +4,17 @@
     python launchers/demo.py                      # runs/demo: shards, tokenizer, training, evaluation
 
 Steps (each one a command you can also run by hand; the demo prints them):
-  1. write the built-in `shapes` dataset as tar shards (train + held-out)
+  1. write the built-in `scenes` dataset as tar shards (train + held-out; 2-3 objects per
+     image, captions naming them, per-object masks in each sample's JSON)
   2. train a SentencePiece tokenizer on the training captions
   3. pre-train the `tiny` preset with `deepspeed --num_gpus 2 launchers/pretrain.py
      --ds_config ds_configs/zero3.json` (two CPU ranks: ZeRO-3 over gloo, bf16)
   4. convert the DeepSpeed checkpoint to the `rils` format
-  5. evaluate held-out zero-shot classification (and retrieval, linear probe, k-shot)
-  6. draw patch-sentence probability maps for a few held-out images
-and ends with a table and `runs/demo/summary.json` (`zeroshot_top1`, `chance`, ...).
+  5. evaluate held-out zero-shot classification, localisation (the fraction of each object's
+     patches whose most similar phrase, among the image's object phrases, is its own), and
+     retrieval, linear probe, k-shot
+  6. draw patch-sentence maps for a few held-out images against their objects' phrases
+and ends with a table and `runs/demo/summary.json` (`zeroshot_top1`, `localization`, `chance`, ...).
 """
 from __future__ import annotations
 
@@ -35,7 +38,9 @@ def parse_args(argv=None):
     p.add_argument("--ranks", type=int, default=2, help="CPU ranks started by the deepspeed launcher")
     p.add_argument("--micro-batch", type=int, default=32, help="images per rank per step")
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
-    p.add_argument("--dataset", choices=("shapes", "digits"), default="shapes", help="built-in dataset")
+    p.add_argument("--dataset", choices=("scenes", "shapes", "digits"), default="scenes",
+                   help="built-in dataset: scenes (several objects per image, localisation scored), "
+                        "shapes (one object per image) or digits")
     p.add_argument("--ds-config", default=os.path.join(REPO, "ds_configs", "zero3.json"))
     p.add_argument("--fresh", action="store_true", help="delete an earlier run in --output first")
     return p.parse_args(argv)
@@ -97,8 +102,9 @@ def main(argv=None) -> int:
     timings["evaluate"] = run([py, "launchers/evaluate.py", "--model", exported, "--builtin", data,
                                "--output", results_path], "5/6 held-out evaluation")
     maps = os.path.join(out, "patch_sentence_maps.png")
+    objects = ["--object-phrases", "--num", "6"] if args.dataset == "scenes" else ["--num", "4"]
     timings["visualize"] = run([py, "launchers/visualize.py", "--model", exported, "--shards",
-                                os.path.join(data, "heldout"), "--num", "4", "--output", maps],
+                                os.path.join(data, "heldout"), *objects, "--output", maps],
                                "6/6 patch-sentence maps")
 
     with open(results_path) as f:
@@ -115,6 +121,9 @@ def main(argv=None) -> int:
         "retrieval_chance_r1": tasks.get("retrieval", {}).get("chance", {}).get("R@1"),
         "linear_probe_top1": tasks.get("linear_probe", {}).get("top1"),
         "kshot_16_top1": tasks.get("few_shot", {}).get("shots", {}).get("16", {}).get("mean"),
+        "probe_features": tasks.get("linear_probe", {}).get("features"),
+        "localization": tasks.get("localization", {}).get("accuracy"),
+        "localization_chance": tasks.get("localization", {}).get("chance"),
         "final_loss": metrics[-1]["loss"], "first_loss": metrics[0]["loss"],
         "final_clip_acc": metrics[-1]["clip_acc"], "samples_per_s": metrics[-1]["samples_per_s"],
         "seconds": {k: round(v, 1) for k, v in timings.items()},
@@ -126,7 +135,8 @@ def main(argv=None) -> int:
     rows = [("zero-shot top-1", zs["top1"], zs["chance_top1"]), ("zero-shot top-5", zs.get("top5"), min(1.0, 5 / zs["num_classes"])),
             ("image->text R@1", summary["retrieval_image_to_text_r1"], summary["retrieval_chance_r1"]),
             ("linear probe top-1", summary["linear_probe_top1"], zs["chance_top1"]),
-            ("16-shot top-1", summary["kshot_16_top1"], zs["chance_top1"])]
+            ("16-shot top-1", summary["kshot_16_top1"], zs["chance_top1"]),
+            ("localization", summary["localization"], summary["localization_chance"])]
     print(f"\nheld-out evaluation of the demo model ({summary['num_classes']} classes, "
           f"{summary['num_heldout']} images, {summary['steps']} steps)")
     print(f"{'metric':<22}{'value':>8}{'chance':>9}")
@@ -135,6 +145,10 @@ def main(argv=None) -> int:
             print(f"{name:<22}{value:>8.3f}{'' if chance is None else f'{chance:9.3f}'}")
     print(f"\ntraining loss {summary['first_loss']:.3f} -> {summary['final_loss']:.3f}; "
           f"zero-shot is {zs['top1'] / zs['chance_top1']:.1f}x chance")
+    if summary["localization"] is not None:
+        print(f"localisation: {100 * summary['localization']:.1f}% of each object's patches go to its own phrase "
+              f"(chance {100 * summary['localization_chance']:.1f}%); probe/k-shot on {summary['probe_features']} "
+              "features")
     print(f"summary: {os.path.join(out, 'summary.json')}\npatch-sentence maps: {maps}\n"
           f"TensorBoard: tensorboard --logdir {run_dir}/tensorboard")
     return 0

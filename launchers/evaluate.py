@@ -18,7 +18,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-TASK_CHOICES = ("zero_shot", "retrieval", "linear_probe", "few_shot")
+TASK_CHOICES = ("zero_shot", "retrieval", "linear_probe", "few_shot", "localization")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--builtin", metavar="DIR", help="built-in dataset (make_shards.py --builtin): DIR/heldout is "
                      "evaluated, DIR/train feeds the probe and k-shot, DIR/classes.json gives class names and "
                      "prompts; written first (see --builtin-name) if DIR holds no dataset")
-    p.add_argument("--builtin-name", default="shapes", choices=("shapes", "digits"),
+    p.add_argument("--builtin-name", default="scenes", choices=("scenes", "shapes", "digits"),
                    help="which built-in dataset --builtin writes when DIR is empty")
     src.add_argument("--data", help="evaluation shards (dir / brace pattern) or ImageFolder root")
     p.add_argument("--train-data", help="labelled training shards or ImageFolder (linear probe, k-shot)")
@@ -40,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=3, help="k-shot draws per k")
     p.add_argument("--few-shot-method", choices=("ncm", "logreg"), default="ncm",
                    help="nearest class mean or logistic regression on the k x classes samples")
+    p.add_argument("--probe-features", choices=("encoder", "joint"), default="encoder",
+                   help="features of the linear probe and k-shot: encoder (pooled, final-normed, before the "
+                        "projection, as the paper's tables) or joint (the projected image-text embedding)")
     p.add_argument("--probe-c", type=float, default=None, help="fix the probe's C (default: chosen on a val split)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--max-samples", type=int, default=0, help="cap on evaluation images (0: all)")
@@ -71,6 +74,7 @@ def main(argv=None) -> int:
         torch.set_grad_enabled(False)
         results = evaluate(model, tasks=args.tasks, shots=args.shots, seeds=list(range(args.seeds)),
                            few_shot_method=args.few_shot_method, probe_c=args.probe_c, batch_size=args.batch_size,
+                           probe_features=args.probe_features,
                            max_samples=args.max_samples, max_train_samples=args.max_train_samples, **opts)
     except (CheckpointError, FileNotFoundError, ValueError, RuntimeError) as err:
         print(f"evaluate.py: error: {err}", file=sys.stderr)

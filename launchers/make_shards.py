@@ -7,7 +7,8 @@ From a listing (CSV, TSV or JSONL; one row per sample):
     #                imgs/cat.jpg,a cat on a sofa          (paths relative to the listing's folder)
 
 The built-in datasets (write OUTPUT/train, OUTPUT/heldout and OUTPUT/classes.json):
-    python launchers/make_shards.py --builtin shapes --output data/shapes   # procedural scenes
+    python launchers/make_shards.py --builtin scenes --output data/scenes   # multi-object scenes + masks
+    python launchers/make_shards.py --builtin shapes --output data/shapes   # one shape per image
     python launchers/make_shards.py --builtin digits --output data/digits   # handwritten digits
 
 An evaluation set for CLIP_benchmark (``clip_benchmark eval --dataset wds/NAME --dataset_root OUTPUT``):
@@ -42,9 +43,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--input", help="listing file: .csv, .tsv or .jsonl with image and caption columns")
-    source.add_argument("--builtin", nargs="?", const="shapes", choices=("shapes", "digits"),
-                        help="write a built-in dataset: shapes (procedural scenes with compositional captions, "
-                             "the demo's; the default when no name is given) or digits (scikit-learn's "
+    source.add_argument("--builtin", nargs="?", const="scenes", choices=("scenes", "shapes", "digits"),
+                        help="write a built-in dataset: scenes (2-3 objects per image, captions naming them, "
+                             "per-object masks; the demo's, and the default when no name is given), shapes "
+                             "(one object per image, compositional captions) or digits (scikit-learn's "
                              "handwritten digits, captioned); also writes classes.json for evaluation")
     parser.add_argument("--output", required=True, help="output directory (must not already hold shards)")
     parser.add_argument("--shard-size", type=int, default=None,

@@ -27,6 +27,9 @@ def main(argv=None) -> int:
     p.add_argument("--num", type=int, default=4, help="samples taken from --shards")
     p.add_argument("--sentences", nargs="+", help="sentences (default with --shards: the samples' captions)")
     p.add_argument("--sentences-file", help="one sentence per line")
+    p.add_argument("--object-phrases", action="store_true",
+                   help="with --shards of the built-in scenes: each image against its own objects' phrases "
+                        "(different objects should claim different patches)")
     p.add_argument("--temperature", type=float, default=0.04)
     p.add_argument("--cell", type=int, default=160, help="pixel size of each panel")
     p.add_argument("--output", required=True, help="PNG file to write")
@@ -46,6 +49,15 @@ def main(argv=None) -> int:
         p.error("--images needs --sentences or --sentences-file")
     try:
         model = load_model(args.model)
+        if args.object_phrases:
+            if not args.shards:
+                p.error("--object-phrases needs --shards")
+            from rils_scale.eval.localization import render_localization_maps
+            grid = render_localization_maps(model, args.shards, num=args.num, cell=args.cell)
+            os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+            grid.save(args.output)
+            print(f"[visualize] {args.num} image(s) x their object phrases -> {args.output}")
+            return 0
         if args.images:
             pil = []
             for path in args.images:

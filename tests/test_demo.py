@@ -19,3 +19,7 @@ def test_demo_end_to_end_short(tmp_path):
     assert 0.0 <= summary["zeroshot_top1"] <= 1.0
     assert os.path.getsize(summary["patch_sentence_maps"]) > 10_000
     assert "zero-shot top-1" in proc.stdout and "x chance" in proc.stdout
+    # the default data are the multi-object scenes: localisation is scored and printed
+    assert summary["dataset"] == "scenes" and 0.0 <= summary["localization"] <= 1.0
+    assert 0.3 < summary["localization_chance"] < 0.5 and "localisation:" in proc.stdout
+    assert summary["probe_features"] == "encoder"

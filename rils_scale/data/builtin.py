@@ -149,8 +149,9 @@ def write_builtin_dataset(out_dir: str | os.PathLike, image_size: int = 32, shar
 
 
 # ---------------------------------------------------------------------------- registry
-BUILTIN_DATASETS = ("shapes", "digits")
-"""``shapes``: procedural scenes (rils_scale.data.scenes, the demo's default); ``digits``: this module."""
+BUILTIN_DATASETS = ("scenes", "shapes", "digits")
+"""``scenes``: multi-object scenes with per-object masks (rils_scale.data.multi_scenes, the demo's
+default); ``shapes``: one object per image (rils_scale.data.scenes); ``digits``: this module."""
 
 
 def write_named_builtin(name: str, out_dir: str | os.PathLike, *, image_size: int = 32, shard_size: int | None = None,
@@ -163,6 +164,11 @@ def write_named_builtin(name: str, out_dir: str | os.PathLike, *, image_size: in
         result = write_builtin_dataset(out_dir, image_size=image_size, shard_size=shard_size or 256, seed=seed,
                                        augment_copies=augment_copies)
         names, templates = class_names(), zero_shot_templates()
+    elif name == "scenes":
+        from . import multi_scenes
+        result = multi_scenes.write_multi_scenes_dataset(out_dir, image_size=image_size, shard_size=shard_size or 500,
+                                                         seed=seed, num_train=4000 * augment_copies)
+        names, templates = multi_scenes.class_names(), multi_scenes.zero_shot_templates()
     elif name == "shapes":
         from . import scenes
         result = scenes.write_scenes_dataset(out_dir, image_size=image_size, shard_size=shard_size or 500,

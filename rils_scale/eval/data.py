@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+PROBE_FEATURES = ("encoder", "joint")
 
 
 @dataclass
@@ -34,6 +35,19 @@ class Features:
     class_names: Dict[int, str] = field(default_factory=dict)
     """label -> name, from ``class_name`` in the shards' JSON or the ImageFolder folders."""
     skipped: Dict[str, int] = field(default_factory=dict)
+    encoder: Optional[torch.Tensor] = None
+    """``[N, D]`` encoder features (``encode_image_features``: pooled, final-normed, before the
+    projection; L2-normalised), for the linear probe and k-shot; None unless asked for."""
+
+    def probe_features(self, which: str) -> torch.Tensor:
+        """The features a probe reads: ``encoder`` (default of the paper's tables) or ``joint``."""
+        if which == "joint":
+            return self.image
+        if which == "encoder":
+            if self.encoder is None:
+                raise ValueError("encoder features were not extracted (extract_features(..., with_encoder=True))")
+            return self.encoder
+        raise ValueError(f"unknown probe features {which!r}; choose from {PROBE_FEATURES}")
 
     def __len__(self):
         return self.image.shape[0]
@@ -50,31 +64,41 @@ def is_image_folder(path: str) -> bool:
                                  for d in subdirs for f in os.listdir(os.path.join(path, d)))
 
 
+def _model_dtype(model) -> torch.dtype:
+    return next(model.parameters()).dtype
+
+
 @torch.no_grad()
-def _encode_images(model, images: torch.Tensor, device) -> torch.Tensor:
-    # Images in the model's dtype: a bf16 model (DeepSpeed bf16 weights) refuses fp32 pixels.
-    dtype = next(model.parameters()).dtype
-    return F.normalize(model.encode_image(images.to(device, dtype)).float(), dim=-1).cpu()
+def _encode_images(model, images: torch.Tensor, device, with_encoder: bool = False):
+    """Normalised joint embeddings ``[B, E]`` (and encoder features ``[B, D]``, or None).
+    Images are cast to the model's dtype: a bf16 model would reject fp32 pixels."""
+    images = images.to(device, _model_dtype(model))
+    joint = F.normalize(model.encode_image(images).float(), dim=-1).cpu()
+    if not with_encoder:
+        return joint, None
+    return joint, F.normalize(model.encode_image_features(images).float(), dim=-1).cpu()
 
 
 @torch.no_grad()
 def extract_features(model, path: str, *, batch_size: int = 128, max_samples: int = 0,
-                     with_text: bool = True) -> Features:
+                     with_text: bool = True, with_encoder: bool = False) -> Features:
     """Encode a labelled dataset with a :func:`rils_scale.load_model` model."""
     device = next(model.parameters()).device
     if is_image_folder(path):
-        return _image_folder_features(model, path, batch_size, max_samples, device)
+        return _image_folder_features(model, path, batch_size, max_samples, device, with_encoder)
     from ..data.pipeline import build_eval_loader
     cfg = model.cfg
     loader = build_eval_loader(path, model.tokenizer if with_text else None, cfg.vision.image_size, batch_size,
                                context_length=cfg.text.context_length)
-    images, texts, labels, captions, names, skipped = [], [], [], [], {}, {}
+    images, encoder, texts, labels, captions, names, skipped = [], [], [], [], [], {}, {}
     has_labels, seen = True, 0
     for batch in loader:
         take = len(batch["keys"]) if not max_samples else min(len(batch["keys"]), max_samples - seen)
         if take <= 0:
             break
-        images.append(_encode_images(model, batch["images"][:take], device))
+        joint, enc = _encode_images(model, batch["images"][:take], device, with_encoder)
+        images.append(joint)
+        encoder.append(enc)
         if with_text:
             texts.append(F.normalize(model.encode_text(batch["token_ids"][:take].to(device)).float(), dim=-1).cpu())
         captions += batch["captions"][:take]
@@ -92,17 +116,18 @@ def extract_features(model, path: str, *, batch_size: int = 128, max_samples: in
     if not images:
         raise ValueError(f"no usable samples in {path} (skipped: {skipped})")
     return Features(torch.cat(images), torch.tensor(labels) if has_labels else None,
-                    torch.cat(texts) if with_text else None, captions, names, skipped)
+                    torch.cat(texts) if with_text else None, captions, names, skipped,
+                    torch.cat(encoder) if with_encoder else None)
 
 
-def _image_folder_features(model, path, batch_size, max_samples, device) -> Features:
+def _image_folder_features(model, path, batch_size, max_samples, device, with_encoder=False) -> Features:
     from PIL import Image
     classes = sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)))
     files = [(os.path.join(path, c, f), i) for i, c in enumerate(classes)
              for f in sorted(os.listdir(os.path.join(path, c))) if f.lower().endswith(IMAGE_SUFFIXES)]
     if max_samples:
         files = files[:max_samples]
-    feats, labels, skipped = [], [], {}
+    feats, encoder, labels, skipped = [], [], [], {}
     for start in range(0, len(files), batch_size):
         batch, batch_labels = [], []
         for file, label in files[start:start + batch_size]:
@@ -113,9 +138,12 @@ def _image_folder_features(model, path, batch_size, max_samples, device) -> Feat
             except OSError:
                 skipped["corrupt_image"] = skipped.get("corrupt_image", 0) + 1
         if batch:
-            feats.append(_encode_images(model, torch.stack(batch), device))
+            joint, enc = _encode_images(model, torch.stack(batch), device, with_encoder)
+            feats.append(joint)
+            encoder.append(enc)
             labels += batch_labels
     if not feats:
         raise ValueError(f"no readable images under {path}")
     return Features(torch.cat(feats), torch.tensor(labels), None, [],
-                    {i: c.replace("_", " ") for i, c in enumerate(classes)}, skipped)
+                    {i: c.replace("_", " ") for i, c in enumerate(classes)}, skipped,
+                    torch.cat(encoder) if with_encoder else None)

@@ -9,13 +9,13 @@ import os
 import time
 from typing import Dict, List, Optional, Sequence
 
-from .data import Features, extract_features
+from .data import PROBE_FEATURES, Features, extract_features
 from .few_shot import DEFAULT_SEEDS, DEFAULT_SHOTS, few_shot
 from .linear_probe import linear_probe
 from .retrieval import retrieval
 from .zero_shot import DEFAULT_TEMPLATES, zero_shot
 
-TASKS = ("zero_shot", "retrieval", "linear_probe", "few_shot")
+TASKS = ("zero_shot", "retrieval", "linear_probe", "few_shot", "localization")
 
 
 def read_lines(path: str) -> List[str]:
@@ -60,13 +60,23 @@ def evaluate(model, *, data: str, train_data: Optional[str] = None, tasks: Seque
              class_names: Optional[Sequence[str]] = None, templates: Optional[Sequence[str]] = None,
              shots: Sequence[int] = DEFAULT_SHOTS, seeds: Sequence[int] = DEFAULT_SEEDS, few_shot_method: str = "ncm",
              probe_c: Optional[float] = None, batch_size: int = 128, max_samples: int = 0,
-             max_train_samples: int = 0, log=print) -> Dict[str, object]:
+             max_train_samples: int = 0, probe_features: str = "encoder", log=print) -> Dict[str, object]:
+    """``probe_features``: what the linear probe and k-shot read -- ``encoder`` (pooled,
+    final-normed encoder features before the projection, as the paper's tables) or ``joint``
+    (the projected image-text embedding)."""
     unknown = set(tasks) - set(TASKS)
     if unknown:
         raise ValueError(f"unknown task(s) {sorted(unknown)}; choose from {TASKS}")
+    if probe_features not in PROBE_FEATURES:
+        raise ValueError(f"unknown probe features {probe_features!r}; choose from {PROBE_FEATURES}")
+    probing = bool({"linear_probe", "few_shot"} & set(tasks))
+    with_encoder = probing and probe_features == "encoder"
+    if probing:
+        log(f"[evaluate] linear probe / k-shot on {probe_features} features"
+            + (" (pooled, final-normed, pre-projection)" if with_encoder else " (projected joint embedding)"))
     t0 = time.time()
     test = extract_features(model, data, batch_size=batch_size, max_samples=max_samples,
-                            with_text="retrieval" in tasks)
+                            with_text="retrieval" in tasks, with_encoder=with_encoder)
     log(f"[evaluate] {len(test)} evaluation images from {data} ({time.time() - t0:.1f}s)")
     train = None
     if {"linear_probe", "few_shot"} & set(tasks):
@@ -74,7 +84,7 @@ def evaluate(model, *, data: str, train_data: Optional[str] = None, tasks: Seque
             raise ValueError("linear_probe and few_shot need --train-data (labelled training images)")
         t0 = time.time()
         train = extract_features(model, train_data, batch_size=batch_size, max_samples=max_train_samples,
-                                 with_text=False)
+                                 with_text=False, with_encoder=with_encoder)
         log(f"[evaluate] {len(train)} training images from {train_data} ({time.time() - t0:.1f}s)")
     results: Dict[str, object] = {"data": data, "train_data": train_data, "num_images": len(test), "tasks": {}}
     out = results["tasks"]
@@ -94,11 +104,20 @@ def evaluate(model, *, data: str, train_data: Optional[str] = None, tasks: Seque
                 out[task] = {"skipped": "no captions in the evaluation data (ImageFolder)"}
                 continue
             out[task] = retrieval(test.image, test.text)
+        elif task == "localization":
+            from .data import is_image_folder
+            from .localization import localization
+            out[task] = ({"skipped": "ImageFolder data has no object masks"} if is_image_folder(data) else
+                         localization(model, data, batch_size=batch_size, max_samples=max_samples))
         elif task == "linear_probe":
-            out[task] = linear_probe(train.image, train.labels, test.image, test.labels, c=probe_c)
+            out[task] = linear_probe(train.probe_features(probe_features), train.labels,
+                                     test.probe_features(probe_features), test.labels, c=probe_c)
+            out[task]["features"] = probe_features
         elif task == "few_shot":
-            out[task] = few_shot(train.image, train.labels, test.image, test.labels, shots=shots, seeds=seeds,
+            out[task] = few_shot(train.probe_features(probe_features), train.labels,
+                                 test.probe_features(probe_features), test.labels, shots=shots, seeds=seeds,
                                  method=few_shot_method)
+            out[task]["features"] = probe_features
         out[task]["seconds"] = round(time.time() - t0, 2)
     return results
 
@@ -120,14 +139,23 @@ def format_table(results: Dict[str, object]) -> str:
             for direction, label in (("image_to_text", "image->text"), ("text_to_image", "text->image")):
                 for k, v in r[direction].items():
                     rows.append(("retrieval", f"{label} {k} ({r['num_pairs']} pairs)", pct(v), pct(r["chance"][k])))
+    if "localization" in tasks:
+        loc = tasks["localization"]
+        if "skipped" in loc:
+            rows.append(("localization", "skipped", loc["skipped"], ""))
+        else:
+            rows.append(("localization", f"object patches -> own phrase ({loc['num_objects']} objects)",
+                         pct(loc["accuracy"]), pct(loc["chance"])))
     if "linear_probe" in tasks:
         p = tasks["linear_probe"]
-        rows.append(("linear probe", f"top-1 (C={p['C']:g}, {p['train_samples']} train)", pct(p["top1"]),
+        rows.append(("linear probe", f"top-1 ({p.get('features', 'joint')} features, C={p['C']:g}, "
+                     f"{p['train_samples']} train)", pct(p["top1"]),
                      pct(p["chance_top1"])))
     if "few_shot" in tasks:
         f = tasks["few_shot"]
         for k, v in f["shots"].items():
-            rows.append(("k-shot", f"{k}-shot top-1 ({f['method']}, {len(f['seeds'])} seeds)",
+            rows.append(("k-shot", f"{k}-shot top-1 ({f['method']}, {f.get('features', 'joint')}, "
+                                   f"{len(f['seeds'])} seeds)",
                          f"{100 * v['mean']:6.2f}% ± {100 * v['std']:.2f}", pct(f["chance_top1"])))
     widths = [max(len(str(r[i])) for r in rows) for i in range(4)]
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]

@@ -25,6 +25,8 @@ class VisionConfig:
     """RILS decoder blocks (the official code uses one, as wide as the encoder)."""
     layer_norm_eps: float = 1e-6
     """LayerNorm eps of the release."""
+    activation: str = "gelu"
+    """MLP activation: gelu (exact, the release's ViT) | quick_gelu (x * sigmoid(1.702 x))."""
 
     @property
     def grid_size(self) -> int:
@@ -57,6 +59,9 @@ class TextConfig:
     """LayerNorm eps (CLIP text tower)."""
     pad_id: int = 0
     """Padding id; the sentence embedding is read at the last non-pad token (end of text)."""
+    activation: str = "quick_gelu"
+    """MLP activation: quick_gelu as CLIP and the RILS release | gelu (exact). Configs saved
+    before this field existed load as gelu (what they were trained with): see from_dict."""
 
     @property
     def mlp_hidden(self) -> int:
@@ -76,7 +81,15 @@ class RILSConfig:
     logit_scale_init: float = math.log(1 / 0.07)
     """Initial CLIP logit scale (log)."""
     logit_scale_max: float = math.log(100.0)
-    """Clamp of the log logit scale, applied inside forward."""
+    """Cap of the log logit scale: the parameter is clamped in place after each optimizer step
+    (train/param_clamp.py) and, as a safety, in forward."""
+    recon_target: str = "language"
+    """Masked-modelling target: language (RILS: patch-sentence distributions) | pixel (MAE's
+    per-patch normalised pixels, through a linear pixel head) | vision (the unmasked pass's
+    final-normed patch features, no text prototypes). The last two are the paper's baselines."""
+    decoder_text_conditioning: bool = False
+    """Decoder blocks cross-attend to the caption's token features (SemMIM's text injection;
+    off in RILS)."""
     dropout: float = 0.0
     """Dropout on attention probabilities and block outputs (0 in the release)."""
     name: str = "custom"
@@ -88,7 +101,8 @@ class RILSConfig:
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "RILSConfig":
         d = dict(d)
-        vision = VisionConfig(**d.pop("vision", {}))
-        text = TextConfig(**d.pop("text", {}))
+        # A saved config without "activation" predates the field: it was built with exact GELU.
+        vision = VisionConfig(**{"activation": "gelu", **d.pop("vision", {})})
+        text = TextConfig(**{"activation": "gelu", **d.pop("text", {})})
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(vision=vision, text=text, **{k: v for k, v in d.items() if k in known})

@@ -11,13 +11,30 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..parallel.layers import initialized_tensor, normal_init
+from ..parallel.layers import ColumnParallelLinear, initialized_tensor, normal_init
 from .config import RILSConfig
 from .text import TextEncoder
 from .transformer import ParallelSpec
 from .vision import RILSDecoder, VisionEncoder, random_masking
 
 MASK_STRATEGIES = ("random", "text-guided")
+RECON_TARGETS = ("language", "pixel", "vision")
+
+
+def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """``[B, 3, H, W]`` -> ``[B, N, p*p*3]`` in MAE's order (row-major patches, then p, q, c)."""
+    b, c, h, w = images.shape
+    p = patch_size
+    x = images.reshape(b, c, h // p, p, w // p, p)
+    return torch.einsum("bchpwq->bhwpqc", x).reshape(b, (h // p) * (w // p), p * p * c)
+
+
+def normalized_pixel_targets(images: torch.Tensor, patch_size: int, eps: float = 1e-6) -> torch.Tensor:
+    """MAE's ``norm_pix_loss`` targets: each patch's pixels standardised by its own mean and
+    (unbiased, as MAE's ``var``) variance."""
+    x = patchify(images, patch_size)
+    mean, var = x.mean(dim=-1, keepdim=True), x.var(dim=-1, keepdim=True)
+    return (x - mean) / (var + eps) ** 0.5
 
 
 class Projection(nn.Module):
@@ -32,8 +49,14 @@ class Projection(nn.Module):
 
 
 class LogitScale(nn.Module):
-    """Learned log temperature, clamped inside forward (a clamp after the optimizer step would
-    read an empty partition under ZeRO-3, DESIGN §7)."""
+    """Learned log temperature, capped at ``maximum``.
+
+    The parameter itself is kept <= the cap by an in-place clamp after every optimizer step
+    (``rils_scale.train.param_clamp``, ZeRO-3 safe), as OpenCLIP does. Forward caps the value
+    too, as a safety for a parameter loaded from elsewhere, but straight-through: a plain
+    ``clamp`` has zero gradient above the cap, and with the parameter exempt from weight decay
+    nothing would ever bring it back.
+    """
 
     def __init__(self, init: float, maximum: float):
         super().__init__()
@@ -41,7 +64,9 @@ class LogitScale(nn.Module):
         self.maximum = maximum
 
     def forward(self):
-        return self.value.clamp(max=self.maximum).exp().squeeze(0)
+        v = self.value
+        capped = v - (v - v.clamp(max=self.maximum)).detach()  # value of clamp, gradient of identity
+        return capped.exp().squeeze(0)
 
 
 class RILS(nn.Module):
@@ -50,7 +75,12 @@ class RILS(nn.Module):
         spec = spec or ParallelSpec()
         self.cfg, self.spec = cfg, spec
         self.visual = VisionEncoder(cfg.vision, spec, cfg.dropout, attn_backend)
-        self.decoder = RILSDecoder(cfg.vision, spec, cfg.dropout, attn_backend)
+        if cfg.recon_target not in RECON_TARGETS:
+            raise ValueError(f"unknown reconstruction target {cfg.recon_target!r}; choose from {RECON_TARGETS}")
+        self.decoder = RILSDecoder(cfg.vision, spec, cfg.dropout, attn_backend,
+                                   context_dim=cfg.text.width if cfg.decoder_text_conditioning else None)
+        if cfg.recon_target == "pixel":  # MAE's pixel head on the decoder's (encoder-width) output
+            self.pixel_head = ColumnParallelLinear(cfg.vision.width, cfg.vision.patch_size ** 2 * 3)
         self.image_projection = Projection(cfg.vision.width, cfg.embed_dim)
         self.text = TextEncoder(cfg.text, spec, cfg.dropout, attn_backend)
         self.text_projection = Projection(cfg.text.width, cfg.embed_dim)
@@ -62,6 +92,11 @@ class RILS(nn.Module):
         tokens = self.visual(images)
         x = self.image_projection(tokens[:, 1:].mean(dim=1))
         return F.normalize(x, dim=-1) if normalize else x
+
+    def encode_image_features(self, images: torch.Tensor) -> torch.Tensor:
+        """Encoder features ``[B, D]`` for probes: the mean of the final-normed patch tokens,
+        before ``image_projection`` (what the paper's linear-probe and k-shot tables use)."""
+        return self.visual(images)[:, 1:].mean(dim=1)
 
     def encode_text(self, token_ids: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         x = self.text_projection(self.text(token_ids))
@@ -79,18 +114,31 @@ class RILS(nn.Module):
         """One RILS step's features, all L2-normalised.
 
         Returns ``image_features [B, E]``, ``text_features [B, E]``, ``logit_scale`` (scalar),
-        ``teacher_patches [B, N, E]`` (unmasked pass), ``student_patches [B, N, E]``
-        (decoder predictions), ``mask [B, N]`` (1 = masked).
+        ``mask [B, N]`` (1 = masked) and the reconstruction's target and prediction per patch,
+        ``teacher_patches`` / ``student_patches``, by ``cfg.recon_target``: language -- the
+        projected, normalised unmasked-pass patches and decoder predictions ``[B, N, E]``;
+        pixel -- MAE's normalised pixels and the pixel head's output ``[B, N, p*p*3]``;
+        vision -- the unmasked pass's final-normed patch features (stop-gradient) and the
+        decoder's predictions ``[B, N, D]``.
         """
         if mask_strategy not in MASK_STRATEGIES:
             raise ValueError(f"unknown mask strategy {mask_strategy!r}; choose from {MASK_STRATEGIES}")
-        text_features = F.normalize(self.encode_text(token_ids), dim=-1)
+        target = self.cfg.recon_target
+        context = context_padding = None
+        if self.cfg.decoder_text_conditioning:
+            pooled, text_tokens, context_padding = self.text(token_ids, return_tokens=True)
+            # Stop-gradient, like the prototypes: the text tower learns from the contrastive loss.
+            context = text_tokens.detach()
+        else:
+            pooled = self.text(token_ids)
+        text_features = F.normalize(self.text_projection(pooled), dim=-1)
 
         # Unmasked pass (with gradient: it feeds the contrastive loss).
         tokens = self.visual(images)
-        patch_proj = self.image_projection(tokens[:, 1:])
         image_features = F.normalize(self.image_projection(tokens[:, 1:].mean(dim=1)), dim=-1)
-        teacher = F.normalize(patch_proj, dim=-1)
+        teacher = None
+        if target == "language" or mask_strategy == "text-guided":
+            teacher = F.normalize(self.image_projection(tokens[:, 1:]), dim=-1)
 
         # Masking: random, or guided by each patch's similarity to its own caption.
         b, n = images.shape[0], self.cfg.vision.num_patches
@@ -103,8 +151,14 @@ class RILS(nn.Module):
 
         # Masked pass and decoder.
         visible = self.visual(images, ids_keep)
-        predictions = self.decoder(visible, ids_restore)
-        student = F.normalize(self.image_projection(predictions), dim=-1)
+        predictions = self.decoder(visible, ids_restore, context, context_padding)
+        if target == "language":
+            student = F.normalize(self.image_projection(predictions), dim=-1)
+        elif target == "pixel":
+            student = self.pixel_head(predictions)
+            teacher = normalized_pixel_targets(images, self.cfg.vision.patch_size)
+        else:  # vision: the unmasked pass's own patch features, no text prototypes
+            student, teacher = predictions, tokens[:, 1:].detach()
         return {
             "image_features": image_features,
             "text_features": text_features,

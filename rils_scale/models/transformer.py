@@ -95,28 +95,81 @@ class Attention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(b, n, -1))
 
 
+class CrossAttention(nn.Module):
+    """Multi-head attention from ``x`` to a context sequence (the caption's tokens).
+
+    Tensor-parallel like :class:`Attention`: q (from ``x``) and k/v (from the context) are
+    column-parallel (this rank's heads), the output projection row-parallel. The context is
+    replicated on every TP rank, so its k/v projection never takes the sequence-parallel path.
+    """
+
+    def __init__(self, dim: int, context_dim: int, heads: int, spec: ParallelSpec, *,
+                 init: BlockInit = BlockInit(), attn_backend: str = "auto"):
+        super().__init__()
+        tp = spec.tp_size
+        if dim % heads or heads % tp:
+            raise ValueError(f"cross-attention: width {dim} / heads {heads} / TP {tp} do not divide")
+        self.heads_local, self.head_dim, self.attn_backend = heads // tp, dim // heads, attn_backend
+        self.q = ColumnParallelLinear(dim, dim, tp_group=spec.tp_group, init_method=init.qkv,
+                                      sequence_parallel=spec.sequence_parallel)
+        self.kv = ColumnParallelLinear(context_dim, 2 * dim, tp_group=spec.tp_group, stride=2, init_method=init.qkv)
+        self.proj = RowParallelLinear(dim, dim, tp_group=spec.tp_group, init_method=init.proj,
+                                      sequence_parallel=spec.sequence_parallel)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, context_padding: Optional[torch.Tensor]) -> torch.Tensor:
+        q = self.q(x)
+        b, n, _ = q.shape
+        q = q.view(b, n, self.heads_local, self.head_dim).transpose(1, 2)
+        k, v = self.kv(context).view(b, context.shape[1], 2, self.heads_local, self.head_dim).permute(2, 0, 3, 1, 4)
+        out = attention(q, k, v, key_padding_mask=context_padding, backend=self.attn_backend)
+        return self.proj(out.transpose(1, 2).reshape(b, n, -1))
+
+
+ACTIVATIONS = ("gelu", "quick_gelu")
+
+
+def quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    """CLIP's (and the RILS release's text tower's) approximation: ``x * sigmoid(1.702 x)``."""
+    return x * torch.sigmoid(1.702 * x)
+
+
+def activation_fn(name: str) -> Callable:
+    if name == "gelu":
+        return F.gelu
+    if name == "quick_gelu":
+        return quick_gelu
+    raise ValueError(f"unknown activation {name!r}; choose from {ACTIVATIONS}")
+
+
 class MLP(nn.Module):
-    def __init__(self, dim: int, hidden: int, spec: ParallelSpec, init: BlockInit = BlockInit()):
+    def __init__(self, dim: int, hidden: int, spec: ParallelSpec, init: BlockInit = BlockInit(),
+                 activation: str = "gelu"):
         super().__init__()
         sp = dict(sequence_parallel=spec.sequence_parallel)
         self.fc1 = ColumnParallelLinear(dim, hidden, tp_group=spec.tp_group, init_method=init.fc1, **sp)
         self.fc2 = RowParallelLinear(hidden, dim, tp_group=spec.tp_group, init_method=init.fc2, **sp)
+        self.act = activation_fn(activation)  # elementwise: acts on this rank's hidden units alone
 
     def forward(self, x):
-        return self.fc2(F.gelu(self.fc1(x)))
+        return self.fc2(self.act(self.fc1(x)))
 
 
 class Block(nn.Module):
     def __init__(self, dim: int, heads: int, mlp_hidden: int, spec: ParallelSpec, *, eps: float = 1e-6,
                  qkv_bias: str = "qv", causal: bool = False, dropout: float = 0.0,
-                 init: BlockInit = BlockInit(), attn_backend: str = "auto"):
+                 init: BlockInit = BlockInit(), attn_backend: str = "auto", activation: str = "gelu",
+                 context_dim: Optional[int] = None):
         super().__init__()
         norm = dict(eps=eps, tp_group=spec.tp_group, sequence_parallel=spec.sequence_parallel)
         self.norm1 = SequenceParallelLayerNorm(dim, **norm)
         self.attn = Attention(dim, heads, spec, qkv_bias=qkv_bias, causal=causal, dropout=dropout,
                               init=init, attn_backend=attn_backend)
+        self.cross_norm = self.cross_attn = None
+        if context_dim is not None:  # pre-norm cross-attention between self-attention and MLP
+            self.cross_norm = SequenceParallelLayerNorm(dim, **norm)
+            self.cross_attn = CrossAttention(dim, context_dim, heads, spec, init=init, attn_backend=attn_backend)
         self.norm2 = SequenceParallelLayerNorm(dim, **norm)
-        self.mlp = MLP(dim, mlp_hidden, spec, init)
+        self.mlp = MLP(dim, mlp_hidden, spec, init, activation)
         self.dropout = dropout
         self.sequence_parallel = spec.sequence_parallel and spec.tp_size > 1
 
@@ -128,8 +181,13 @@ class Block(nn.Module):
                 return F.dropout(x, self.dropout)
         return F.dropout(x, self.dropout)
 
-    def forward(self, x, key_padding_mask: Optional[torch.Tensor] = None):
+    def forward(self, x, key_padding_mask: Optional[torch.Tensor] = None, context: Optional[torch.Tensor] = None,
+                context_padding: Optional[torch.Tensor] = None):
         x = x + self._drop(self.attn(self.norm1(x), key_padding_mask))
+        if self.cross_attn is not None:
+            if context is None:
+                raise ValueError("this block cross-attends: pass the context (caption token features)")
+            x = x + self._drop(self.cross_attn(self.cross_norm(x), context, context_padding))
         return x + self._drop(self.mlp(self.norm2(x)))
 
 
@@ -147,7 +205,9 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleList([Block(dim, heads, mlp_hidden, spec, **block_kw) for _ in range(depth)])
         self.causal = block_kw.get("causal", False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: Optional[torch.Tensor] = None,
+                context_padding: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``context [B, L, C]`` / ``context_padding [B, L]`` (True = pad): for cross-attending blocks."""
         tp, group = self.spec.tp_size, self.spec.tp_group
         sequence_parallel = self.spec.sequence_parallel and tp > 1
         n = x.shape[1]
@@ -162,9 +222,9 @@ class Transformer(nn.Module):
             x = scatter_to_sequence_parallel_region(x, group, dim=1)
         for block in self.blocks:
             if self.spec.activation_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, pad_mask)
+                x = checkpoint(block, x, pad_mask, context, context_padding)
             else:
-                x = block(x, pad_mask)
+                x = block(x, pad_mask, context, context_padding)
         if sequence_parallel:
             x = gather_from_tensor_parallel_region(x, group, dim=1)[:, :n]
         return x

@@ -85,7 +85,7 @@ class VisionEncoder(nn.Module):
                              persistent=False)
         self.transformer = Transformer(cfg.width, cfg.depth, cfg.heads, cfg.mlp_hidden, spec,
                                        eps=cfg.layer_norm_eps, qkv_bias="qv", dropout=dropout,
-                                       attn_backend=attn_backend)
+                                       attn_backend=attn_backend, activation=getattr(cfg, "activation", "gelu"))
         self.norm = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
 
     def forward(self, images: torch.Tensor, ids_keep: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -103,10 +103,12 @@ class VisionEncoder(nn.Module):
 class RILSDecoder(nn.Module):
     """Light decoder: Linear -> mask tokens + sin-cos positions -> block(s) -> LayerNorm -> Linear.
 
-    Predicts an encoder-width feature for every patch position (cls dropped).
+    Predicts an encoder-width feature for every patch position (cls dropped). With
+    ``context_dim`` (text conditioning) every block also cross-attends to the caption's tokens.
     """
 
-    def __init__(self, cfg: VisionConfig, spec: ParallelSpec, dropout: float = 0.0, attn_backend: str = "auto"):
+    def __init__(self, cfg: VisionConfig, spec: ParallelSpec, dropout: float = 0.0, attn_backend: str = "auto",
+                 context_dim: Optional[int] = None):
         super().__init__()
         dim = cfg.width  # "one transformer block as wide as the encoder"
         self.embed = ColumnParallelLinear(cfg.width, dim)
@@ -115,11 +117,13 @@ class RILSDecoder(nn.Module):
                              persistent=False)
         self.transformer = Transformer(dim, cfg.decoder_depth, cfg.heads, cfg.mlp_hidden, spec,
                                        eps=cfg.layer_norm_eps, qkv_bias="qv", dropout=dropout,
-                                       attn_backend=attn_backend)
+                                       attn_backend=attn_backend, activation=getattr(cfg, "activation", "gelu"),
+                                       context_dim=context_dim)
         self.norm = nn.LayerNorm(dim, eps=cfg.layer_norm_eps)
         self.pred = ColumnParallelLinear(dim, cfg.width)
 
-    def forward(self, tokens: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, ids_restore: torch.Tensor, context: Optional[torch.Tensor] = None,
+                context_padding: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``tokens [B, 1 + K, D]`` from the masked pass -> predictions ``[B, N, D]``."""
         x = self.embed(tokens)
         b, n = ids_restore.shape
@@ -127,5 +131,5 @@ class RILSDecoder(nn.Module):
         patches = torch.cat([x[:, 1:], fill], dim=1)
         patches = torch.gather(patches, 1, ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
         x = torch.cat([x[:, :1], patches], dim=1) + self.pos_embed.to(x.dtype)
-        x = self.norm(self.transformer(x))
+        x = self.norm(self.transformer(x, context, context_padding))
         return self.pred(x[:, 1:])

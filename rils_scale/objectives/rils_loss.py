@@ -9,6 +9,7 @@ import torch.distributed as dist
 
 from ..parallel.mappings import _size
 from .contrastive import ContrastiveLoss
+from .feature_targets import FeatureReconstructionLoss
 from .reconstruction import PatchSentenceReconstructionLoss
 
 
@@ -27,6 +28,10 @@ class LossConfig:
     """Reconstruct only samples whose image->text top-1 retrieval is correct (the paper)."""
     kl_backend: str = "auto"
     """Backend of rils_scale.ops.patch_sentence_kl: one of rils_scale.ops.BACKENDS."""
+    recon_target: str = "language"
+    """language (RILS) | pixel | vision: must match the model's ``recon_target``. The two
+    baselines reconstruct every sample's masked patches (no retrieval filter: it is part of
+    RILS's language-space target, not of MAE-style targets)."""
 
 
 class RILSLoss(torch.nn.Module):
@@ -42,16 +47,23 @@ class RILSLoss(torch.nn.Module):
         super().__init__()
         self.cfg, self.dp_group = cfg, dp_group
         self.contrastive = ContrastiveLoss(dp_group)
-        self.reconstruction = PatchSentenceReconstructionLoss(
-            student_temp=cfg.student_temp, teacher_temp=cfg.teacher_temp, prototype_grad=cfg.prototype_grad,
-            backend=cfg.kl_backend, dp_group=dp_group, tp_group=tp_group)
+        if cfg.recon_target == "language":
+            self.reconstruction = PatchSentenceReconstructionLoss(
+                student_temp=cfg.student_temp, teacher_temp=cfg.teacher_temp, prototype_grad=cfg.prototype_grad,
+                backend=cfg.kl_backend, dp_group=dp_group, tp_group=tp_group)
+        else:
+            self.reconstruction = FeatureReconstructionLoss(cfg.recon_target, dp_group)
 
     def forward(self, out: Dict[str, torch.Tensor]):
         clip = self.contrastive(out["image_features"], out["text_features"], out["logit_scale"])
-        keep = clip.correct_image_to_text if self.cfg.retrieval_filter else torch.ones_like(
+        language = self.cfg.recon_target == "language"
+        keep = clip.correct_image_to_text if self.cfg.retrieval_filter and language else torch.ones_like(
             clip.correct_image_to_text)
-        recon = self.reconstruction(out["student_patches"], out["teacher_patches"], out["mask"], keep,
-                                    clip.all_text_features)
+        if language:
+            recon = self.reconstruction(out["student_patches"], out["teacher_patches"], out["mask"], keep,
+                                        clip.all_text_features)
+        else:
+            recon = self.reconstruction(out["student_patches"], out["teacher_patches"], out["mask"], keep)
         loss = clip.loss + self.cfg.recon_weight * recon.loss
         dp = _size(self.dp_group)
         recon_global = recon.loss.detach() / dp  # this rank's share of the global mean

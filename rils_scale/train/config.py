@@ -67,6 +67,11 @@ class TrainConfig:
     """Reconstruct every sample, not only correctly retrieved ones."""
     kl_backend: str = "auto"
     """patch_sentence_kl backend: one of rils_scale.ops.BACKENDS (auto: fastest self-checked, measured)."""
+    recon_target: str = "language"
+    """Masked-modelling target: language (RILS) | pixel (MAE normalised pixels) | vision (unmasked
+    pass's patch features); the last two are the paper's baselines."""
+    decoder_text_conditioning: bool = False
+    """Decoder blocks cross-attend to the caption's token features (SemMIM-style)."""
     # --- parallelism
     tensor_parallel: int = 1
     """Tensor-parallel ranks (consecutive ranks, inside a node)."""
@@ -139,6 +144,9 @@ def parse_args(argv: Optional[List[str]] = None) -> TrainConfig:
     cfg = TrainConfig(**vars(args))
     if cfg.mask_strategy not in MASK_STRATEGIES:
         raise SystemExit(f"--mask-strategy must be one of {MASK_STRATEGIES}")
+    from ..models.rils import RECON_TARGETS
+    if cfg.recon_target not in RECON_TARGETS:
+        raise SystemExit(f"--recon-target must be one of {RECON_TARGETS}")
     if cfg.precision not in ("config", "bf16", "fp32"):
         raise SystemExit("--precision must be config, bf16 or fp32")
     return cfg

@@ -20,6 +20,7 @@ from .config import TrainConfig, load_ds_config, resolve_batch_sizes
 from .engine import build_engine, compute_dtype, zero_stage
 from .metrics import MetricsLogger, merge_skips, write_json
 from .signals import DataWaitWatchdog, StopRequest
+from .param_clamp import clamp_logit_scale_
 
 log = logging.getLogger("rils_scale.train")
 
@@ -62,7 +63,8 @@ class Trainer:
         self.is_main = self.rank == 0
         # Validate everything that can be validated before any process group or compute.
         self.tokenizer = self._load_tokenizer()
-        self.model_cfg = get_config(cfg.model, mask_ratio=cfg.mask_ratio)
+        self.model_cfg = get_config(cfg.model, mask_ratio=cfg.mask_ratio, recon_target=cfg.recon_target,
+                                    decoder_text_conditioning=cfg.decoder_text_conditioning)
         self.model_cfg.text.vocab_size = self.tokenizer.vocab_size
         self._validate()
         dims = ParallelDims(self.world, cfg.tensor_parallel, cfg.sequence_parallel)
@@ -78,7 +80,7 @@ class Trainer:
         self.objective = RILSLoss(LossConfig(
             student_temp=cfg.student_temp, teacher_temp=cfg.teacher_temp, recon_weight=cfg.recon_weight,
             prototype_grad=cfg.prototype_grad, retrieval_filter=not cfg.no_retrieval_filter,
-            kl_backend=cfg.kl_backend), dp_group=self.state.dp_group,
+            kl_backend=cfg.kl_backend, recon_target=cfg.recon_target), dp_group=self.state.dp_group,
             tp_group=self.state.tp_group if self.state.tp_size > 1 else None)
         self.step = 0
         self.batches_consumed = 0
@@ -209,6 +211,7 @@ class Trainer:
             for k, v in metrics.items():  # device tensors: no host sync until a logged step
                 v = v.detach() if torch.is_tensor(v) else v
                 sums[k] = sums[k] + v if k in sums else v
+        clamp_logit_scale_(self.engine)  # after the applied optimizer step (train/param_clamp.py)
         avg = {k: v / self.grad_accum for k, v in sums.items()}
         avg["data_wait_s"] = wait
         return avg

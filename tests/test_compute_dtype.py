@@ -98,7 +98,8 @@ def test_eval_encodes_fp32_pixels_with_a_bf16_model():
     cfg = get_config("tiny")
     model = build_model(cfg).eval()
     images, _ = _batch(cfg)
-    ref = _encode_images(model, images, "cpu")
-    got = _encode_images(model.to(torch.bfloat16), images, "cpu")  # raised a dtype error before
-    assert got.dtype == torch.float32 and got.shape == ref.shape
-    assert (got - ref).norm() / ref.norm() < 5e-2
+    ref, ref_enc = _encode_images(model, images, "cpu", with_encoder=True)
+    got, got_enc = _encode_images(model.to(torch.bfloat16), images, "cpu", with_encoder=True)  # raised before
+    for g, r in ((got, ref), (got_enc, ref_enc)):
+        assert g.dtype == torch.float32 and g.shape == r.shape
+        assert (g - r).norm() / r.norm() < 5e-2

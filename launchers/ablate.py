@@ -154,7 +154,8 @@ def table(results: list, variants, seeds) -> str:
             cell = f"{100 * ms['mean']:.1f} ± {100 * ms['std']:.1f}"
             if ref is not None and v != "rils":
                 t = paired_t_test(vals, [r[key] for r in ref])
-                cell += f" (Δ {100 * t['mean_diff']:+.1f}, p={t['p']:.2f})"
+                p_text = "n/a: same Δ on every seed" if t["p"] != t["p"] else f"{t['p']:.3f}"
+                cell += f" (Δ {100 * t['mean_diff']:+.1f}, p={p_text})"
             cells.append(cell)
         lines.append(f"| {DESCRIPTIONS[v]} | " + " | ".join(cells) + " |")
     chance = results[0]

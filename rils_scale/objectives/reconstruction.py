@@ -15,7 +15,8 @@ import torch
 import torch.distributed as dist
 
 from ..ops import patch_sentence_kl
-from ..parallel.mappings import (_size, all_reduce_no_grad, copy_to_tensor_parallel_region,
+from ..parallel.comm import all_reduce_values
+from ..parallel.mappings import (_size, copy_to_tensor_parallel_region,
                                  reduce_from_tensor_parallel_region, scatter_to_tensor_parallel_region)
 
 
@@ -45,7 +46,7 @@ class PatchSentenceReconstructionLoss(torch.nn.Module):
         selected = (mask > 0) & keep[:, None]
         idx = selected.flatten().nonzero().squeeze(1)
         rows = int(idx.numel())
-        global_rows = int(all_reduce_no_grad(torch.tensor(float(rows)), self.dp_group).item())
+        global_rows = int(all_reduce_values([rows], self.dp_group)[0])
         if global_rows == 0:  # nothing counts anywhere: keep the graph, contribute zero
             return ReconstructionOutput(student.sum() * 0.0, 0, 0)
 

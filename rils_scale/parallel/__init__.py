@@ -1,4 +1,5 @@
 """Everything distributed: process groups, DeepSpeed mpu, collectives, TP layers, TP RNG."""
+from . import comm
 from .state import (DeepSpeedMPU, ParallelDims, ParallelState, current_state,
                     init_parallel_state, single_process_state)
 from .mappings import (all_gather_batch, all_reduce_no_grad, copy_to_tensor_parallel_region,

@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from .comm import all_reduce_no_grad
 from .state import DeepSpeedMPU, ParallelState
 
 
@@ -96,10 +97,9 @@ def tensor_parallel_grad_norm(parameters: Iterable[torch.Tensor], state: Paralle
             continue
         if getattr(p, "tensor_model_parallel", False) or state.tp_rank == 0:
             total += p.grad.detach().double().pow(2).sum().cpu()
-    if dist.is_initialized():
-        if state.tp_size > 1 and state.tp_group is not None:
-            dist.all_reduce(total, group=state.tp_group)
-        if grads_partitioned_over_dp and state.dp_size > 1:
-            dist.all_reduce(total, group=state.dp_group)
+    if state.tp_size > 1:
+        total = all_reduce_no_grad(total, state.tp_group)
+    if grads_partitioned_over_dp and state.dp_size > 1:
+        total = all_reduce_no_grad(total, state.dp_group)
     return total.sqrt()
 

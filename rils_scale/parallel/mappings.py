@@ -17,6 +17,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from .comm import all_reduce_no_grad  # noqa: F401  (re-exported: host values live in comm)
+
 # Bytes this rank has sent, by collective kind, estimated with the ring algorithm
 # (all-reduce: 2(n-1)/n of the buffer; all-gather / reduce-scatter: (n-1)/n of the full tensor).
 COMM_BYTES = defaultdict(int)
@@ -238,12 +240,3 @@ def all_gather_batch(x: torch.Tensor, group: Optional[dist.ProcessGroup]) -> tor
     if _size(group) == 1:
         return x
     return _AllGatherBatch.apply(x, group)
-
-
-def all_reduce_no_grad(x: torch.Tensor, group, op=None) -> torch.Tensor:
-    """All-reduce a detached tensor (metrics, counters). Identity on one rank."""
-    if _size(group) == 1:
-        return x
-    x = x.detach().clone().contiguous()
-    dist.all_reduce(x, op=op or dist.ReduceOp.SUM, group=group)
-    return x

@@ -25,6 +25,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from .comm import all_gather_tensor_list
+
 
 @dataclass(frozen=True)
 class ShardSpec:
@@ -137,9 +139,7 @@ def gather_full_tensor(shard: torch.Tensor, group, spec: Optional[ShardSpec] = N
     n = 1 if group is None or not dist.is_initialized() else dist.get_world_size(group)
     if spec is None or n == 1:
         return shard.detach().clone()
-    x = shard.detach().contiguous()
-    parts = [torch.empty_like(x) for _ in range(n)]
-    dist.all_gather(parts, x, group=group)
+    parts = all_gather_tensor_list(shard, group)
     return merge_shards(parts, spec.partition_dim, spec.stride, spec.vocab_size)
 
 
@@ -156,8 +156,7 @@ def gather_full_tensors(shards: Sequence[torch.Tensor], specs: Sequence[Optional
     if n == 1 or not sharded:
         return out
     flat = torch.cat([shards[i].detach().reshape(-1) for i in sharded])
-    parts = [torch.empty_like(flat) for _ in range(n)]
-    dist.all_gather(parts, flat, group=group)
+    parts = all_gather_tensor_list(flat, group)
     offset = 0
     for i in sharded:
         numel, shape, spec = shards[i].numel(), shards[i].shape, specs[i]

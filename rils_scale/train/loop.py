@@ -5,8 +5,6 @@ import glob
 import logging
 import os
 import shutil
-import signal
-import threading
 import time
 from typing import Dict, Optional
 
@@ -17,66 +15,14 @@ import torch.distributed as dist
 from ..models import get_config
 from ..objectives import LossConfig, RILSLoss
 from ..parallel import ParallelDims, init_parallel_state
-from ..parallel.mappings import all_reduce_no_grad
+from ..parallel import comm
 from .config import TrainConfig, load_ds_config, resolve_batch_sizes
 from .engine import build_engine, compute_dtype, zero_stage
 from .metrics import MetricsLogger, merge_skips, write_json
 from .param_clamp import clamp_logit_scale_
+from .signals import DataWaitWatchdog, StopRequest
 
 log = logging.getLogger("rils_scale.train")
-
-
-class StopRequest:
-    """SIGTERM / SIGUSR1 set a flag; the loop checkpoints at the next step boundary and exits.
-
-    All ranks agree through a MAX all-reduce of the flag, so a signal that reached only some
-    ranks (or reached them at different steps) still stops everyone at the same step.
-    """
-
-    def __init__(self):
-        self.requested = False
-        self.signal_name = None
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handler)
-
-    def _handler(self, signum, frame):
-        self.requested = True
-        self.signal_name = signal.Signals(signum).name
-
-    def agreed(self) -> bool:
-        flag = torch.tensor(1.0 if self.requested else 0.0)
-        if dist.is_initialized():
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item() > 0)
-
-
-class DataWaitWatchdog:
-    """Says so, every ``interval`` seconds, while a rank waits for its next batch: a stalled
-    loader (an unreachable pipe: URL, a dead NFS mount) shows in the log instead of a silent hang."""
-
-    def __init__(self, rank: int, interval: float):
-        self.rank, self.interval, self.timer, self.start = rank, interval, None, 0.0
-
-    def _warn(self):
-        waited = time.perf_counter() - self.start
-        print(f"[rils_scale] rank {self.rank}: still waiting for data after {waited:.0f}s "
-              "(check the shards, the workers and the storage)", flush=True)
-        self._arm()
-
-    def _arm(self):
-        self.timer = threading.Timer(self.interval, self._warn)
-        self.timer.daemon = True
-        self.timer.start()
-
-    def __enter__(self):
-        self.start = time.perf_counter()
-        if self.interval > 0:
-            self._arm()
-        return self
-
-    def __exit__(self, *exc):
-        if self.timer is not None:
-            self.timer.cancel()
 
 
 def mask_generator(seed: int, dp_rank: int, micro_step: int) -> torch.Generator:
@@ -208,7 +154,7 @@ class Trainer:
         if self.is_main:
             _prune_checkpoints(directory, self.cfg.keep_checkpoints)
             print(f"[rils_scale] checkpoint saved: {directory}/global_step{self.step}", flush=True)
-        dist.barrier()
+        comm.barrier()
 
     def maybe_resume(self) -> None:
         directory = checkpoint_dir(self.cfg)
@@ -237,11 +183,7 @@ class Trainer:
 
     def _global_skips(self) -> Dict[str, int]:
         """Skip counts summed over DP ranks (TP peers read the same data) plus earlier runs."""
-        gathered = [None] * self.state.dp_size
-        if self.state.dp_size > 1:
-            dist.all_gather_object(gathered, self.skipped, group=self.state.dp_group)
-        else:
-            gathered = [self.skipped]
+        gathered = comm.all_gather_objects(self.skipped, self.state.dp_group)
         total = dict(self.skipped_before_resume)
         for g in gathered:
             merge_skips(total, g)
@@ -266,8 +208,9 @@ class Trainer:
             self.engine.backward(loss)
             self.engine.step()
             self.batches_consumed += 1
-            for k, v in metrics.items():
-                sums[k] = sums.get(k, 0.0) + float(v)
+            for k, v in metrics.items():  # device tensors: no host sync until a logged step
+                v = v.detach() if torch.is_tensor(v) else v
+                sums[k] = sums[k] + v if k in sums else v
         clamp_logit_scale_(self.engine)  # after the applied optimizer step (train/param_clamp.py)
         avg = {k: v / self.grad_accum for k, v in sums.items()}
         avg["data_wait_s"] = wait
@@ -275,8 +218,7 @@ class Trainer:
 
     def _reduce_metrics(self, m: Dict[str, float]) -> Dict[str, float]:
         keys = sorted(m)
-        vec = all_reduce_no_grad(torch.tensor([m[k] for k in keys], dtype=torch.float64), self.state.dp_group)
-        out = dict(zip(keys, vec.tolist()))
+        out = dict(zip(keys, comm.all_reduce_values([float(m[k]) for k in keys], self.state.dp_group)))
         dp = self.state.dp_size
         recon = out.pop("recon_loss_share")  # shares of the global mean: sum, not average
         out = {k: v / dp for k, v in out.items()}

@@ -1,0 +1,130 @@
+"""Collectives on small host values (flags, counters, metrics, objects), on the right device.
+
+NCCL only accepts CUDA tensors ("No backend type associated with device type cpu"), while gloo
+accepts CPU tensors, so a CPU test suite cannot see a collective on a host tensor that would
+crash the first GPU step. Every helper here moves its tensor to the group's communication device
+(:func:`comm_device`) and returns the result where the caller had it. Activations, which are
+already on the GPU, go through the autograd-aware functions of :mod:`.mappings`.
+
+Group convention (as in :mod:`.mappings`): ``None`` means "no group" (a single process), and the
+helper is the identity; use :func:`world_group` for a collective over every rank.
+"""
+from __future__ import annotations
+
+from typing import Any, List, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+_REDUCE_OPS = {"sum": "SUM", "max": "MAX", "min": "MIN"}
+
+
+def world_group() -> Optional[dist.ProcessGroup]:
+    """The default group when torch.distributed is initialised, else ``None`` (one process)."""
+    return dist.group.WORLD if dist.is_available() and dist.is_initialized() else None
+
+
+def group_size(group: Optional[dist.ProcessGroup]) -> int:
+    if group is None or not dist.is_initialized():
+        return 1
+    return dist.get_world_size(group)
+
+
+def device_for_backend(backend: str) -> torch.device:
+    """The device whose tensors ``backend`` communicates.
+
+    ``"nccl"`` (and ``"cuda:nccl"``) needs the current CUDA device; a mixed ``"cpu:gloo,cuda:nccl"``
+    group and plain gloo take CPU tensors (cheaper for a few host scalars: no device sync).
+    """
+    b = backend.lower()
+    if "gloo" in b or "mpi" in b:
+        return torch.device("cpu")
+    if "nccl" in b:
+        return torch.device("cuda", torch.cuda.current_device())
+    accelerator = getattr(torch, "accelerator", None)
+    if accelerator is not None and accelerator.is_available():  # xccl, hccl, ...
+        return torch.device(accelerator.current_accelerator().type, accelerator.current_device_index())
+    return torch.device("cpu")
+
+
+def comm_device(group: Optional[dist.ProcessGroup] = None) -> torch.device:
+    if not (dist.is_available() and dist.is_initialized()):
+        return torch.device("cpu")
+    return device_for_backend(str(dist.get_backend(group)))
+
+
+def _op(name: str):
+    return getattr(dist.ReduceOp, _REDUCE_OPS[name])
+
+
+def all_reduce_no_grad(x: torch.Tensor, group: Optional[dist.ProcessGroup], op: str = "sum") -> torch.Tensor:
+    """All-reduce a detached copy of ``x`` over ``group``; identity (a copy) on one rank."""
+    if isinstance(op, str):
+        op = _op(op)
+    if group_size(group) == 1:
+        return x.detach().clone()
+    buf = x.detach().to(comm_device(group), copy=True).contiguous()
+    dist.all_reduce(buf, op=op, group=group)
+    return buf.to(x.device)
+
+
+def all_reduce_values(values: Sequence[float], group: Optional[dist.ProcessGroup], op: str = "sum") -> List[float]:
+    """All-reduce a list of Python numbers in float64 (one collective for all of them)."""
+    if group_size(group) == 1:
+        return [float(v) for v in values]
+    out = all_reduce_no_grad(torch.tensor([float(v) for v in values], dtype=torch.float64), group, op)
+    return out.tolist()
+
+
+def any_rank(flag: bool, group: Optional[dist.ProcessGroup] = None) -> bool:
+    """True on every rank if ``flag`` is true on any rank of ``group`` (default: the world)."""
+    group = world_group() if group is None else group
+    return all_reduce_values([1.0 if flag else 0.0], group, "max")[0] > 0
+
+
+def broadcast_values(values: Sequence[float], src: int = 0, group: Optional[dist.ProcessGroup] = None) -> List[float]:
+    """Rank ``src``'s (global rank) float64 values on every rank of ``group`` (default: world)."""
+    group = world_group() if group is None else group
+    if group_size(group) == 1:
+        return [float(v) for v in values]
+    buf = torch.tensor([float(v) for v in values], dtype=torch.float64, device=comm_device(group))
+    dist.broadcast(buf, src=src, group=group)
+    return buf.cpu().tolist()
+
+
+def all_gather_tensor_list(x: torch.Tensor, group: Optional[dist.ProcessGroup]) -> List[torch.Tensor]:
+    """Every rank's copy of ``x`` (same shape and dtype on all ranks), on ``x``'s device."""
+    n = group_size(group)
+    if n == 1:
+        return [x.detach().clone()]
+    buf = x.detach().to(comm_device(group)).contiguous()
+    parts = [torch.empty_like(buf) for _ in range(n)]
+    dist.all_gather(parts, buf, group=group)
+    return [p.to(x.device) for p in parts]
+
+
+def all_gather_objects(obj: Any, group: Optional[dist.ProcessGroup]) -> List[Any]:
+    """Every rank's ``obj`` (picklable; only our own dicts of counters, never untrusted data).
+
+    ``all_gather_object`` serialises through a tensor on ``torch.cuda.current_device()`` under
+    NCCL, so the rank's device must be set (DeepSpeed's launcher + ``set_device`` do that).
+    """
+    n = group_size(group)
+    if n == 1:
+        return [obj]
+    gathered: List[Any] = [None] * n
+    dist.all_gather_object(gathered, obj, group=group)
+    return gathered
+
+
+def barrier(group: Optional[dist.ProcessGroup] = None) -> None:
+    """Barrier over ``group`` (default: world). Under NCCL, names the device so that NCCL does
+    not guess one (a guess that differs between ranks hangs)."""
+    group = world_group() if group is None else group
+    if group_size(group) == 1:
+        return
+    device = comm_device(group)
+    if device.type == "cuda":
+        dist.barrier(group=group, device_ids=[device.index])
+    else:
+        dist.barrier(group=group)

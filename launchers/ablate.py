@@ -2,7 +2,7 @@
 """The paper's ablations in one command: train variants for the same steps and seeds,
 evaluate each, write a table (mean ± std over seeds, paired t-test against RILS).
 
-    python launchers/ablate.py --output runs/ablate --steps 100 --seeds 0 1 2 \\
+    python launchers/ablate.py --output runs/ablate --steps 150 --seeds 0 1 2 \\
         --results docs/results.md
 
 Variants (``--variants``, default all):
@@ -58,7 +58,7 @@ def parse_args(argv=None):
     p.add_argument("--output", default="runs/ablate", help="data/, one run directory per variant and seed, results.json")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--steps", type=int, default=100, help="optimizer steps per run")
+    p.add_argument("--steps", type=int, default=150, help="optimizer steps per run")
     p.add_argument("--micro-batch", type=int, default=32, help="images per step (one rank)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--probe-c", type=float, default=1.0, help="inverse regularisation of the linear probe (fixed)")
@@ -154,7 +154,8 @@ def table(results: list, variants, seeds) -> str:
             cell = f"{100 * ms['mean']:.1f} ± {100 * ms['std']:.1f}"
             if ref is not None and v != "rils":
                 t = paired_t_test(vals, [r[key] for r in ref])
-                cell += f" (Δ {100 * t['mean_diff']:+.1f}, p={t['p']:.2f})"
+                p_text = "n/a: same Δ on every seed" if t["p"] != t["p"] else f"{t['p']:.3f}"
+                cell += f" (Δ {100 * t['mean_diff']:+.1f}, p={p_text})"
             cells.append(cell)
         lines.append(f"| {DESCRIPTIONS[v]} | " + " | ".join(cells) + " |")
     chance = results[0]

@@ -57,7 +57,7 @@ def test_logit_scale_stays_capped_and_can_come_back_down():
         opt.step()
         clamp_parameter_(scale.value, cap)
         assert scale.value.item() <= cap + 1e-6  # (float32 rounding of ln 100)
-        assert not clamp_parameter_(scale.value, cap)  # a second clamp finds nothing above the cap
+        assert not clamp_parameter_(scale.value, cap, report=True)  # a second clamp finds nothing above the cap
     assert scale.value.item() == pytest.approx(cap)
     opt.zero_grad()
     scale().backward()
@@ -75,7 +75,7 @@ def test_logit_scale_stays_capped_and_can_come_back_down():
     model = build_model(get_config("tiny"))
     with torch.no_grad():
         model.logit_scale.value.fill_(9.0)
-    assert clamp_logit_scale_(model) and model.logit_scale.value.item() == pytest.approx(cap)
+    assert clamp_logit_scale_(model, report=True) and model.logit_scale.value.item() == pytest.approx(cap)
 
 
 ZERO3_BF16 = {
@@ -108,7 +108,7 @@ def _zero3_clamp_worker(rank, world):
     for _ in range(6):
         engine.backward(engine(x))
         engine.step()
-        hits += clamp_logit_scale_(engine)
+        hits += clamp_logit_scale_(engine, report=True)
         master = safe_get_full_fp32_param(param)
         with deepspeed.zero.GatheredParameters([param]):
             seen = float(param.data.float().max())

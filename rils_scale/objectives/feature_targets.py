@@ -19,7 +19,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from ..parallel.mappings import _size, all_reduce_no_grad
+from ..parallel.comm import all_reduce_values
+from ..parallel.mappings import _size
 from .reconstruction import ReconstructionOutput
 
 FEATURE_TARGETS = ("pixel", "vision")
@@ -49,7 +50,7 @@ class FeatureReconstructionLoss(torch.nn.Module):
         selected = (mask > 0) & keep[:, None]
         idx = selected.flatten().nonzero().squeeze(1)
         rows = int(idx.numel())
-        global_rows = int(all_reduce_no_grad(torch.tensor(float(rows)), self.dp_group).item())
+        global_rows = int(all_reduce_values([rows], self.dp_group)[0])  # on the comm device (NCCL-safe)
         if global_rows == 0:
             return ReconstructionOutput(student.sum() * 0.0, 0, 0)
         f = student.shape[-1]

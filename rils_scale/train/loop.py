@@ -19,8 +19,8 @@ from ..parallel import comm
 from .config import TrainConfig, load_ds_config, resolve_batch_sizes
 from .engine import build_engine, compute_dtype, zero_stage
 from .metrics import MetricsLogger, merge_skips, write_json
-from .signals import DataWaitWatchdog, StopRequest
 from .param_clamp import clamp_logit_scale_
+from .signals import DataWaitWatchdog, StopRequest
 
 log = logging.getLogger("rils_scale.train")
 

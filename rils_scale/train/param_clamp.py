@@ -32,37 +32,39 @@ def _above(t: torch.Tensor, maximum: float) -> bool:
     return t.numel() > 0 and bool((t > torch.tensor(maximum, dtype=t.dtype, device=t.device)).any())
 
 
-def _clamp_(t: torch.Tensor, maximum: float) -> bool:
-    if t is None or not _above(t, maximum):
+def _clamp_(t: torch.Tensor, maximum: float, report: bool) -> bool:
+    if t is None or t.numel() == 0:
         return False
+    above = _above(t, maximum) if report else False  # the check syncs with the host: only when asked
     t.clamp_(max=maximum)
-    return True
+    return above
 
 
 @torch.no_grad()
-def clamp_parameter_(param: torch.nn.Parameter, maximum: float) -> bool:
+def clamp_parameter_(param: torch.nn.Parameter, maximum: float, report: bool = False) -> bool:
     """Clamp ``param`` and its optimizer master copy (if any) to ``<= maximum`` in place, on
-    what this rank holds. Returns whether anything held here was above the cap."""
+    what this rank holds. With ``report``, returns whether anything held here was above the cap
+    (a device-to-host sync); without, never syncs and returns False."""
     if hasattr(param, "ds_id"):  # ZeRO-3 partition
-        changed = _clamp_(param.ds_tensor.data, maximum)
+        changed = _clamp_(param.ds_tensor.data, maximum, report)
         if getattr(param, "_z3_optimizer", None) is not None and param.requires_grad:
             from deepspeed.utils import safe_get_local_fp32_param
             master = safe_get_local_fp32_param(param)  # a view into the optimizer's flat fp32 partition
-            changed |= _clamp_(master.data, maximum)
+            changed |= _clamp_(master.data, maximum, report)
         return changed
-    changed = _clamp_(param.data, maximum)
+    changed = _clamp_(param.data, maximum, report)
     mapping = getattr(param, "_hp_mapping", None)
     if mapping is not None:  # ZeRO-1/2, bf16 optimizer: this rank's fragment of the fp32 master
-        changed |= _clamp_(mapping.get_hp_fragment().data, maximum)
+        changed |= _clamp_(mapping.get_hp_fragment().data, maximum, report)
     return changed
 
 
-def clamp_logit_scale_(model) -> bool:
+def clamp_logit_scale_(model, report: bool = False) -> bool:
     """Keep a RILS model's (or DeepSpeed engine's) ``logit_scale`` parameter <= its cap.
-    Call after each applied optimizer step."""
+    Call after each applied optimizer step (no host sync unless ``report``)."""
     module = getattr(model, "module", model)
     scale = module.logit_scale
-    return clamp_parameter_(scale.value, scale.maximum)
+    return clamp_parameter_(scale.value, scale.maximum, report)
 
 
 __all__ = ["clamp_parameter_", "clamp_logit_scale_"]

@@ -15,7 +15,7 @@ Two steps, streamed tensor by tensor:
      order with ``param_alignment_paddings`` between them.
    - ZeRO-0: fp32 runs store the weights in ``module``; bf16 runs keep fp32 masters in the
      optimizer's ``fp32_groups``, in optimizer-group order (rebuilt with the trainer's own
-     :func:`rils_scale.train.engine.optimizer_groups` and checked against the shapes).
+     :func:`rils_scale.models.param_groups.optimizer_groups` and checked against the shapes).
    - weights-only checkpoints written by :func:`rils_scale.checkpoint.export.export_deepspeed`.
 
 2. **TP merge.** The split rule of every parameter comes from the model itself
@@ -216,7 +216,7 @@ class _WeightsOnlyReader(_RankReader):
 def _optimizer_group_names(cfg: RILSConfig, tp_size: int) -> List[List[str]]:
     """Parameter names of each optimizer group, in the order the trainer builds them."""
     from ..models import RILS, ParallelSpec
-    from ..train.engine import optimizer_groups
+    from ..models.param_groups import optimizer_groups
     from .layout import _pretend_tensor_parallel, _structural_config
     with _pretend_tensor_parallel(tp_size):
         model = RILS(_structural_config(cfg, tp_size), ParallelSpec(tp_group=object() if tp_size > 1 else None),

@@ -28,6 +28,10 @@ import torch
 from .layout import WEIGHTS_ONLY_MARKER
 
 
+def weights_only_tag_dir(tag_dir: str) -> bool:
+    return os.path.isfile(os.path.join(tag_dir, WEIGHTS_ONLY_MARKER))
+
+
 def weights_only_tag(checkpoints_dir: str) -> Optional[str]:
     """The tag directory named by ``checkpoints_dir/latest`` if it is a weights-only checkpoint."""
     latest = os.path.join(checkpoints_dir, "latest")
@@ -38,8 +42,9 @@ def weights_only_tag(checkpoints_dir: str) -> Optional[str]:
     return tag_dir if os.path.isfile(os.path.join(tag_dir, WEIGHTS_ONLY_MARKER)) else None
 
 
-def load_weights_only_checkpoint(engine, checkpoints_dir: str, tp_rank: int, tp_size: int) -> Tuple[str, dict]:
-    """Load the weights-only checkpoint named by ``latest`` into a DeepSpeed engine.
+def load_weights_only_checkpoint(engine, checkpoints_dir: str, tp_rank: int, tp_size: int,
+                                 tag: Optional[str] = None) -> Tuple[str, dict]:
+    """Load a weights-only checkpoint (``tag``, default the one ``latest`` names) into a DeepSpeed engine.
 
     Returns ``(tag_dir, client_state)`` like ``engine.load_checkpoint``. Raises ``SystemExit``
     with a clear message when the checkpoint was written for another TP size or does not
@@ -49,9 +54,9 @@ def load_weights_only_checkpoint(engine, checkpoints_dir: str, tp_rank: int, tp_
     from deepspeed.utils import safe_set_full_fp32_param
     from safetensors import safe_open
 
-    tag_dir = weights_only_tag(checkpoints_dir)
-    if tag_dir is None:
-        raise SystemExit(f"{checkpoints_dir}: 'latest' does not name a weights-only checkpoint")
+    tag_dir = weights_only_tag(checkpoints_dir) if tag is None else os.path.join(checkpoints_dir, tag)
+    if tag_dir is None or not weights_only_tag_dir(tag_dir):
+        raise SystemExit(f"{checkpoints_dir}: {tag or 'latest'} is not a weights-only checkpoint")
     with open(os.path.join(tag_dir, WEIGHTS_ONLY_MARKER)) as f:
         meta = json.load(f)
     if int(meta["tensor_parallel"]) != tp_size:
@@ -60,7 +65,11 @@ def load_weights_only_checkpoint(engine, checkpoints_dir: str, tp_rank: int, tp_
                          f"--tensor-parallel {tp_size}")
     path = os.path.join(tag_dir, meta["files"][tp_rank])
     module = engine.module
-    with safe_open(path, framework="pt", device="cpu") as f:
+    try:
+        handle = safe_open(path, framework="pt", device="cpu")
+    except Exception as err:  # safetensors never unpickles: a planted pickle is just not a safetensors file
+        raise SystemExit(f"--resume: {path} is not a valid safetensors file ({err}); refused") from None
+    with handle as f:
         stored = set(f.keys())
         expected = {n for n, _ in module.named_parameters()}
         if stored != expected:

@@ -89,8 +89,14 @@ class TrainConfig:
     """Continue from the newest checkpoint in output_dir/checkpoints (fresh start if none)."""
     exit_after_steps: int = 0
     """Checkpoint and exit after this many steps of this invocation (preemptible clusters)."""
+    trust_pickle: bool = False
+    """--resume: unpickle DeepSpeed's checkpoint files fully (code execution!) if the allowlisting reader refuses them; only for checkpoints you wrote."""
+    max_nonfinite_steps: int = 20
+    """Stop (exit status 3, no checkpoint) after this many consecutive steps with a non-finite loss or gradient norm; 0: never."""
+    collective_timeout_s: float = 600.0
+    """Timeout of every process group: a collective waiting on a dead rank fails after this, so no rank hangs."""
     peak_tflops: Optional[float] = None
-    """Peak dense TFLOP/s per device for MFU (default: from the known-GPU table)."""
+    """Peak dense TFLOP/s per device for MFU (default: the datasheet table on known GPUs; on CPUs MFU is reported only with this flag)."""
     visualize_every: int = 0
     """Steps between patch-sentence probability maps logged to TensorBoard (0: never)."""
     ds_config: str = ""

@@ -353,8 +353,11 @@ def _run_or_exit(cfg: TrainConfig) -> None:
     except checkpointing.CheckpointWriteError as err:
         print(f"[rils_scale] rank {rank}: CheckpointWriteError: {err}", file=sys.stderr, flush=True)
         code = checkpointing.EXIT_CHECKPOINT_WRITE
-    except SystemExit:
-        raise
+    except SystemExit as err:  # a clear message raised on this rank (maybe only on this one)
+        if err.code in (None, 0):
+            raise
+        print(f"[rils_scale] rank {rank}: {err.code}" if isinstance(err.code, str) else "", file=sys.stderr, flush=True)
+        code = err.code if isinstance(err.code, int) else 1
     except BaseException as err:  # noqa: BLE001 (KeyboardInterrupt too: exit, never hang)
         import traceback
         traceback.print_exc()

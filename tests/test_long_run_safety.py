@@ -27,8 +27,8 @@ def data(tmp_path_factory):
     return {"train": str(root / "shapes" / "train"), "tokenizer": str(root / "tok.model")}
 
 
-def _run(data, out, *extra, env=None, timeout=300):
-    cmd = ["deepspeed", "--master_port", str(find_free_port()), "--num_gpus", "2", FIXTURE,
+def _run(data, out, *extra, env=None, ranks=2, timeout=400):
+    cmd = ["deepspeed", "--master_port", str(find_free_port()), "--num_gpus", str(ranks), FIXTURE,
            "--ds_config", os.path.join(REPO, "ds_configs", "zero3.json"), "--precision", "fp32",
            "--model", "tiny", "--train-data", data["train"], "--tokenizer", data["tokenizer"], "--output-dir", str(out),
            "--micro-batch-size", "4", "--num-workers", "0", "--shuffle-buffer", "8", "--warmup-steps", "2",
@@ -188,3 +188,37 @@ def test_preflight_reports_bad_inputs_before_the_engine(tmp_path):
     check_resume_vocabulary(str(tmp_path), 128, "tok.model")
     with pytest.raises(PreflightError, match="vocabulary of 256 tokens.*trained with 128"):
         check_resume_vocabulary(str(tmp_path), 256, "tok.model")
+
+
+def test_elastic_resume_keeps_masters_and_both_adam_moments(data, tmp_path):
+    """TP2 x DP2 ZeRO-3 -> converter (moments included) -> resumed on TP1 x DP2 and on TP2 x DP1:
+    the fp32 masters and both Adam moments the new engines hold are bit-identical to the source's,
+    Adam's step is kept, and both runs train on."""
+    from rils_scale.checkpoint.consolidate import OPTIMIZER_KINDS, open_checkpoint
+    from rils_scale.checkpoint.export import export
+    src = tmp_path / "src"
+    code, log = _run(data, src, "--max-steps", "2", "--tensor-parallel", "2", ranks=4)
+    assert code == 0, log[-3000:]
+    source = open_checkpoint(str(src))
+    assert (source.tp_size, source.dp_size) == (2, 2) and source.has_optimizer_state()
+    reference = {kind: dict(source.iter_full_tensors(kind=kind)) for kind in ("fp32",) + OPTIMIZER_KINDS}
+    assert all(t.abs().sum() > 0 for t in reference["exp_avg_sq"].values() if t.numel() > 1)
+    adam_step = source.optimizer_step()
+    assert adam_step is not None and adam_step >= 2
+
+    for tp in (1, 2):  # DP = 2 / TP, on 2 ranks
+        out, dump = tmp_path / f"tp{tp}", tmp_path / f"dump{tp}"
+        export(source, "deepspeed", str(out), tensor_parallel=tp, tokenizer=data["tokenizer"])
+        code, log = _run(data, out, "--max-steps", "3", "--tensor-parallel", str(tp), "--resume",
+                         env={"RILS_TEST_DUMP_AFTER_RESUME": str(dump)})
+        assert code == 0, log[-3000:]
+        assert "resumed from" in log and "at step 2" in log
+        loaded = open_checkpoint(str(dump), tag="resumed")
+        assert (loaded.tp_size, loaded.dp_size) == (tp, 2 // tp)
+        assert loaded.optimizer_step() == adam_step
+        for kind, tensors in reference.items():
+            for name, value in loaded.iter_full_tensors(kind=kind):
+                assert torch.equal(value, tensors[name]), (tp, kind, name)
+        rows = _rows(out)
+        assert [r["step"] for r in rows] == [3] and rows[0]["loss"] == rows[0]["loss"]
+        assert _latest(out) == "global_step3"

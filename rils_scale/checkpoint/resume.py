@@ -12,8 +12,12 @@ checkpoint was written for:
    loaded weights with the stale masters of the fresh initialisation);
 3. step, samples, skip counters and the LR schedule's *position* are restored; the LR values
    follow this run's config (its ``--lr``, warm-up and decay: a conversion is a natural point to
-   change them), not the source run's ``base_lrs``. Adam moments stay at their fresh zero state
-   (the converter does not carry them; docs/checkpoints.md).
+   change them), not the source run's ``base_lrs``;
+4. when the checkpoint carries optimizer state (``convert_checkpoint.py --with-optimizer``, the
+   default for ZeRO-3 sources), both Adam moments of every parameter are set with
+   ``deepspeed.utils.safe_set_full_optimizer_state`` (DeepSpeed partitions them for this run's DP
+   size) and Adam's step count is restored: an elastic resume on another DP x TP layout. Without
+   it the moments stay at their fresh zero state (docs/checkpoints.md).
 
 Every rank reads the file of its own TP rank.
 """
@@ -51,8 +55,7 @@ def load_weights_only_checkpoint(engine, checkpoints_dir: str, tp_rank: int, tp_
     match the model.
     """
     import deepspeed
-    from deepspeed.utils import safe_set_full_fp32_param
-    from safetensors import safe_open
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
     tag_dir = weights_only_tag(checkpoints_dir) if tag is None else os.path.join(checkpoints_dir, tag)
     if tag_dir is None or not weights_only_tag_dir(tag_dir):
@@ -64,12 +67,10 @@ def load_weights_only_checkpoint(engine, checkpoints_dir: str, tp_rank: int, tp_
                          f"{tp_size}: convert again with launchers/convert_checkpoint.py --format deepspeed "
                          f"--tensor-parallel {tp_size}")
     path = os.path.join(tag_dir, meta["files"][tp_rank])
+    optim = meta.get("optimizer") if isinstance(meta.get("optimizer"), dict) else None
+    moments = _open_safetensors(os.path.join(tag_dir, optim["files"][tp_rank])) if optim else None
     module = engine.module
-    try:
-        handle = safe_open(path, framework="pt", device="cpu")
-    except Exception as err:  # safetensors never unpickles: a planted pickle is just not a safetensors file
-        raise SystemExit(f"--resume: {path} is not a valid safetensors file ({err}); refused") from None
-    with handle as f:
+    with _open_safetensors(path) as f:
         stored = set(f.keys())
         expected = {n for n, _ in module.named_parameters()}
         if stored != expected:
@@ -88,6 +89,13 @@ def load_weights_only_checkpoint(engine, checkpoints_dir: str, tp_rank: int, tp_
                     p.data.copy_(value.to(device=p.device, dtype=p.dtype))
             for n, p in params:  # the optimizer's fp32 master copy (no-op for plain fp32 ZeRO-0)
                 safe_set_full_fp32_param(p, values[n].to(device=p.device, dtype=torch.float32))
+                if moments is not None:
+                    name = f"{prefix}.{n}" if prefix else n
+                    for kind in optim["kinds"]:
+                        safe_set_full_optimizer_state(
+                            p, moments.get_tensor(f"{kind}.{name}").to(device=p.device, dtype=torch.float32), kind)
+    if optim is not None and optim.get("step") is not None:
+        _set_adam_step(engine, int(optim["step"]))
 
     client = dict(meta.get("client_state", {}))
     _restore_schedule_position(engine, meta.get("lr_scheduler"), int(client.get("step", 0)))
@@ -97,6 +105,25 @@ def load_weights_only_checkpoint(engine, checkpoints_dir: str, tp_rank: int, tp_
     engine.global_samples = int(client.get("batches_consumed", step)) * engine.train_micro_batch_size_per_gpu() \
         * getattr(engine, "dp_world_size", 1)
     return tag_dir, client
+
+
+def _open_safetensors(path: str):
+    from safetensors import safe_open
+    try:
+        return safe_open(path, framework="pt", device="cpu")
+    except Exception as err:  # safetensors never unpickles: a planted pickle is just not a safetensors file
+        raise SystemExit(f"--resume: {path} is not a valid safetensors file ({err}); refused") from None
+
+
+def _set_adam_step(engine, step: int) -> None:
+    """Adam's step count (its bias correction) on every state of the (inner) torch optimizer."""
+    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    for state in inner.state.values():
+        if "step" in state:
+            if torch.is_tensor(state["step"]):
+                state["step"].fill_(step)
+            else:
+                state["step"] = step
 
 
 def _restore_schedule_position(engine, state: Optional[dict], step: int) -> None:

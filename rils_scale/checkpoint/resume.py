@@ -55,7 +55,6 @@ def load_weights_only_checkpoint(engine, checkpoints_dir: str, tp_rank: int, tp_
     match the model.
     """
     import deepspeed
-    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
     tag_dir = weights_only_tag(checkpoints_dir) if tag is None else os.path.join(checkpoints_dir, tag)
     if tag_dir is None or not weights_only_tag_dir(tag_dir):
@@ -69,6 +68,8 @@ def load_weights_only_checkpoint(engine, checkpoints_dir: str, tp_rank: int, tp_
     path = os.path.join(tag_dir, meta["files"][tp_rank])
     optim = meta.get("optimizer") if isinstance(meta.get("optimizer"), dict) else None
     moments = _open_safetensors(os.path.join(tag_dir, optim["files"][tp_rank])) if optim else None
+    if optim is not None:
+        _ensure_adam_state(engine)
     module = engine.module
     with _open_safetensors(path) as f:
         stored = set(f.keys())
@@ -88,12 +89,11 @@ def load_weights_only_checkpoint(engine, checkpoints_dir: str, tp_rank: int, tp_
                         raise SystemExit(f"{prefix}.{n}: checkpoint shape {tuple(value.shape)}, model {tuple(p.shape)}")
                     p.data.copy_(value.to(device=p.device, dtype=p.dtype))
             for n, p in params:  # the optimizer's fp32 master copy (no-op for plain fp32 ZeRO-0)
-                safe_set_full_fp32_param(p, values[n].to(device=p.device, dtype=torch.float32))
+                _set_full_hp(p, values[n], None)
                 if moments is not None:
                     name = f"{prefix}.{n}" if prefix else n
                     for kind in optim["kinds"]:
-                        safe_set_full_optimizer_state(
-                            p, moments.get_tensor(f"{kind}.{name}").to(device=p.device, dtype=torch.float32), kind)
+                        _set_full_hp(p, moments.get_tensor(f"{kind}.{name}"), kind)
     if optim is not None and optim.get("step") is not None:
         _set_adam_step(engine, int(optim["step"]))
 
@@ -113,6 +113,57 @@ def _open_safetensors(path: str):
         return safe_open(path, framework="pt", device="cpu")
     except Exception as err:  # safetensors never unpickles: a planted pickle is just not a safetensors file
         raise SystemExit(f"--resume: {path} is not a valid safetensors file ({err}); refused") from None
+
+
+def _set_full_hp(param, value: torch.Tensor, key: Optional[str]) -> None:
+    """Set this rank's partition of the fp32 master (``key=None``) or of an optimizer state.
+
+    ZeRO-3: DeepSpeed's ``set_full_hp_param`` narrows the unpadded full value at
+    ``partition_numel * rank``, which runs past the end on the DP ranks whose partition is
+    (partly) padding (``logit_scale``: 1 element over 2 DP ranks fails on rank 1). So the slice is
+    taken here and the padding set to zero. Other stages: DeepSpeed's ``safe_set_full_*``.
+    """
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+    value = value.to(dtype=torch.float32)
+    if not hasattr(param, "ds_id"):
+        value = value.to(param.device)
+        if key is None:
+            safe_set_full_fp32_param(param, value)
+        else:
+            safe_set_full_optimizer_state(param, value, key)
+        return
+    opt = param._z3_optimizer
+    if not param.requires_grad:
+        return
+    part, _ = opt._get_fp32_opt_state_partition(param, release_swap_buffers=False, optim_state_key=key)
+    start = part.numel() * opt._get_param_partition_rank(param)
+    piece = value.flatten()[start:start + part.numel()]
+    part.data.zero_()
+    part.data[:piece.numel()].copy_(piece.to(part.device))
+
+
+def _ensure_adam_state(engine) -> None:
+    """Create Adam's state before the first step, as the optimizer's first ``step`` would.
+
+    torch's Adam/AdamW (and DeepSpeed's fused/CPU Adam) create ``exp_avg`` / ``exp_avg_sq`` lazily,
+    and ZeRO-3's ``initialize_optimizer_states`` does not always run a step, so a fresh engine
+    may have no state to set. Zeros, step 0: exactly the state a first step starts from.
+    """
+    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    torch_adam = isinstance(inner, (torch.optim.Adam, torch.optim.AdamW))
+    # ZeRO-3 empties the groups' "params" between steps; its flat fp32 partitions are the params.
+    flat = getattr(engine.optimizer, "fp32_partitioned_groups_flat", None)
+    params = list(flat) if flat else [p for g in inner.param_groups for p in g["params"]]
+    amsgrad = any(g.get("amsgrad") for g in inner.param_groups)
+    for p in params:
+        state = inner.state[p]
+        if "exp_avg" in state:
+            continue
+        state["step"] = torch.tensor(0.0, dtype=torch.float32) if torch_adam else 0
+        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        if amsgrad:
+            state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
 
 def _set_adam_step(engine, step: int) -> None:

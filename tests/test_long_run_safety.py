@@ -222,3 +222,46 @@ def test_elastic_resume_keeps_masters_and_both_adam_moments(data, tmp_path):
         rows = _rows(out)
         assert [r["step"] for r in rows] == [3] and rows[0]["loss"] == rows[0]["loss"]
         assert _latest(out) == "global_step3"
+
+
+_WATCHED_RANK = r"""
+import sys, time
+from rils_scale.train.signals import LauncherWatch, StopRequest
+stop = StopRequest()
+watch = LauncherWatch(stop, interval=0.2)
+print("watching", len(watch.pids), flush=True)
+deadline = time.time() + 60
+while not stop.requested and time.time() < deadline:
+    time.sleep(0.05)
+open(sys.argv[1], "w").write(f"{stop.requested} {stop.signal_name}")
+"""
+
+_FAKE_LAUNCHER = r"""
+import subprocess, sys, time
+# argv carries "deepspeed": this process looks like a launcher to the watch.
+child = subprocess.Popen([sys.executable, "-c", sys.argv[1], sys.argv[2]], stdout=subprocess.PIPE, text=True)
+print(child.stdout.readline().strip(), flush=True)
+time.sleep(600)
+"""
+
+
+def test_ranks_stop_when_their_launcher_dies(tmp_path):
+    """The orphaned-ranks case: the launcher is SIGKILLed, its rank requests a stop (the loop
+    then checkpoints and exits at the next step boundary)."""
+    import signal
+    import sys
+    import time
+    result = tmp_path / "result"
+    launcher = subprocess.Popen([sys.executable, "-c", _FAKE_LAUNCHER, _WATCHED_RANK, str(result), "deepspeed"],
+                                stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": REPO})
+    try:
+        assert launcher.stdout.readline().strip() == "watching 1"
+        os.kill(launcher.pid, signal.SIGKILL)
+        launcher.wait()
+        deadline = time.time() + 30
+        while not result.exists() and time.time() < deadline:
+            time.sleep(0.1)
+        assert result.read_text() == "True launcher exited"
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()

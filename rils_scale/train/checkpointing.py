@@ -98,9 +98,9 @@ def resume(trainer) -> Optional[ResumePoint]:
     tag = integrity.newest_complete_tag(directory)
     if tag is None:
         partial = integrity.list_tags(directory)
-        if partial:
-            raise SystemExit(f"--resume: {directory} holds only incomplete checkpoints ({', '.join(partial)}: "
-                             "interrupted saves); nothing to resume from")
+        if partial and trainer.is_main:  # the first save was interrupted: nothing to resume from
+            print(f"[rils_scale] --resume: ignoring incomplete checkpoints in {directory}: {', '.join(partial)}",
+                  flush=True)
         return None
     tag_dir = os.path.join(directory, tag)
     if weights_only_tag_dir(tag_dir):  # written by convert_checkpoint.py --format deepspeed

@@ -48,6 +48,7 @@ def _latest(out):
     return (out / "checkpoints" / "latest").read_text().strip()
 
 
+@pytest.mark.slow
 def test_nonfinite_steps_full_disk_resume_abort_and_payload(data, tmp_path):
     from rils_scale.checkpoint.integrity import is_complete, list_tags
     from rils_scale.checkpoint.safe_load import safe_torch_load
@@ -184,6 +185,7 @@ def test_preflight_reports_bad_inputs_before_the_engine(tmp_path):
         check_resume_vocabulary(str(tmp_path), 256, "tok.model")
 
 
+@pytest.mark.slow
 def test_elastic_resume_keeps_masters_and_both_adam_moments(data, tmp_path):
     """TP2 x DP2 ZeRO-3 -> converter (moments included) -> resumed on TP1 x DP2 and on TP2 x DP1:
     the fp32 masters and both Adam moments the new engines hold are bit-identical to the source's,

@@ -90,13 +90,13 @@ class TrainConfig:
     exit_after_steps: int = 0
     """Checkpoint and exit after this many steps of this invocation (preemptible clusters)."""
     trust_pickle: bool = False
-    """--resume: unpickle DeepSpeed's checkpoint files fully (code execution!) if the allowlisting reader refuses them; only for checkpoints you wrote."""
+    """--resume: fully unpickle DeepSpeed files the allowlisting reader refuses (runs code: own files only)."""
     max_nonfinite_steps: int = 20
-    """Stop (exit status 3, no checkpoint) after this many consecutive steps with a non-finite loss or gradient norm; 0: never."""
+    """Stop (exit 3, no checkpoint) after this many consecutive non-finite loss/grad-norm steps; 0: never."""
     collective_timeout_s: float = 600.0
-    """Timeout of every process group: a collective waiting on a dead rank fails after this, so no rank hangs."""
+    """Process-group timeout: a collective waiting on a dead rank fails after this (no hang)."""
     peak_tflops: Optional[float] = None
-    """Peak dense TFLOP/s per device for MFU (default: the datasheet table on known GPUs; on CPUs MFU is reported only with this flag)."""
+    """Peak dense TFLOP/s per device for MFU (default: GPU datasheet table; CPUs: no MFU without it)."""
     visualize_every: int = 0
     """Steps between patch-sentence probability maps logged to TensorBoard (0: never)."""
     ds_config: str = ""

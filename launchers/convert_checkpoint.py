@@ -8,7 +8,7 @@
     # image + text towers for OpenCLIP / CLIP_benchmark: open_clip.create_model_and_transforms(
     #   "local-dir:exports/b16_openclip"), open_clip.get_tokenizer("local-dir:exports/b16_openclip")
     python launchers/convert_checkpoint.py --checkpoint runs/b16 --format open_clip --output exports/b16_openclip
-    # a checkpoint for another tensor-parallel size; then
+    # a checkpoint for another tensor-parallel size (and any DP size), Adam moments included; then
     #   deepspeed launchers/pretrain.py ... --tensor-parallel 4 --output-dir runs/b16_tp4 --resume
     python launchers/convert_checkpoint.py --checkpoint runs/b16 --format deepspeed \\
         --tensor-parallel 4 --output runs/b16_tp4
@@ -45,6 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trust-pickle", action="store_true",
                    help="if the restricted unpickler refuses a DeepSpeed file, unpickle it fully "
                         "(only for checkpoints you produced yourself)")
+    carry = p.add_mutually_exclusive_group()
+    carry.add_argument("--with-optimizer", dest="with_optimizer", action="store_true", default=None,
+                       help="--format deepspeed: also carry both Adam moments and Adam's step (default whenever the "
+                            "source holds them: ZeRO-3 checkpoints), for an exact elastic resume on another DP x TP")
+    carry.add_argument("--weights-only", dest="with_optimizer", action="store_false",
+                       help="--format deepspeed: weights, step and schedule only; Adam restarts from zero moments")
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty output directory")
     return p
 
@@ -56,6 +62,8 @@ def main(argv=None) -> int:
         parser.error("--format deepspeed needs --tensor-parallel N")
     if args.format != "deepspeed" and args.tensor_parallel is not None:
         parser.error("--tensor-parallel only applies to --format deepspeed")
+    if args.format != "deepspeed" and args.with_optimizer is not None:
+        parser.error("--with-optimizer / --weights-only only apply to --format deepspeed")
     from rils_scale.checkpoint.export import export
     from rils_scale.checkpoint.layout import CheckpointError
     from rils_scale.checkpoint.sources import open_source
@@ -69,7 +77,8 @@ def main(argv=None) -> int:
               f"TP={info.get('tensor_parallel', 1)}, DP={info.get('data_parallel', 1)}, step {info.get('step')}); "
               f"model {source.model_config.name}", flush=True)
         written = export(source, args.format, args.output, tensor_parallel=args.tensor_parallel or 1,
-                         tokenizer=args.tokenizer, overwrite=args.overwrite, vision_tower=args.vision_tower)
+                         tokenizer=args.tokenizer, overwrite=args.overwrite, vision_tower=args.vision_tower,
+                         with_optimizer=args.with_optimizer)
     except (CheckpointError, FileNotFoundError, RuntimeError) as err:
         print(f"convert_checkpoint.py: error: {err}", file=sys.stderr)
         return 1

@@ -80,7 +80,8 @@ def test_zero3_two_ranks_train_log_checkpoint_and_resume_exactly(data, tmp_path)
     rows = _metrics(full)
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
     for key in ("loss", "clip_loss", "recon_loss", "clip_acc", "lr", "samples_per_s", "data_wait_s",
-                "recon_keep_frac", "logit_scale", "tflops_per_device", "mfu", "peak_mem_gb"):
+                "recon_keep_frac", "logit_scale", "tflops_per_device", "model_tflop_per_step", "peak_mem_gb",
+                "nonfinite_steps"):
         assert all(isinstance(r[key], float) for r in rows), key
     # bad samples were skipped and counted (summed over the 2 DP ranks), not fatal
     last = rows[-1]
@@ -92,11 +93,22 @@ def test_zero3_two_ranks_train_log_checkpoint_and_resume_exactly(data, tmp_path)
     assert (ckpt / "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt").exists()
     config = json.loads((full / "config.json").read_text())
     assert config["parallel"]["data_parallel"] == 2 and config["parallel"]["zero_stage"] == 3
-    assert 0 < last["mfu"] < 1.5  # against this CPU's measured matmul rate
+    # MFU: no datasheet peak for a CPU, so none is reported (a rate measured on a shared machine
+    # is no denominator). What the code computes is asserted instead: the FLOP count and the rate.
+    from rils_scale.models import RILSConfig
+    from rils_scale.train.flops import rils_step_flops
+    assert "mfu" not in last and "MFU not reported" in log
+    model_cfg = RILSConfig.from_dict(config["model"])
+    for r in rows:
+        flops = rils_step_flops(model_cfg, 8, 16, recon_rows_fraction=r["recon_keep_frac"])["total"]
+        assert r["model_tflop_per_step"] == pytest.approx(flops / 1e12, rel=1e-9)
+        assert r["tflops_per_device"] == pytest.approx(r["model_tflop_per_step"] / r["step_time_s"], rel=1e-6)
+    assert last["nonfinite_steps"] == 0
     events = list((full / "tensorboard").iterdir())
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     tags = EventAccumulator(str(events[0].parent)).Reload().Tags()["scalars"]
-    assert {"train/loss", "train/mfu", "train/tflops_per_device", "train/skipped_samples"} <= set(tags)
+    assert {"train/loss", "train/model_tflop_per_step", "train/tflops_per_device", "train/skipped_samples",
+            "train/nonfinite_steps"} <= set(tags)
 
     # Same schedule, stopped after 3 steps (as on a preemptible cluster), then resumed.
     part = tmp_path / "part"

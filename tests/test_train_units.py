@@ -6,7 +6,7 @@ import torch
 
 from rils_scale.models import build_model, get_config
 from rils_scale.train.config import TrainConfig, parse_args, resolve_batch_sizes
-from rils_scale.train.engine import optimizer_groups
+from rils_scale.models.param_groups import optimizer_groups
 from rils_scale.train.schedule import warmup_cosine, warmup_cosine_factor
 
 

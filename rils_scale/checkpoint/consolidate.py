@@ -15,7 +15,7 @@ Two steps, streamed tensor by tensor:
      order with ``param_alignment_paddings`` between them.
    - ZeRO-0: fp32 runs store the weights in ``module``; bf16 runs keep fp32 masters in the
      optimizer's ``fp32_groups``, in optimizer-group order (rebuilt with the trainer's own
-     :func:`rils_scale.train.engine.optimizer_groups` and checked against the shapes).
+     :func:`rils_scale.models.param_groups.optimizer_groups` and checked against the shapes).
    - weights-only checkpoints written by :func:`rils_scale.checkpoint.export.export_deepspeed`.
 
 2. **TP merge.** The split rule of every parameter comes from the model itself
@@ -44,6 +44,9 @@ from ..parallel.sharding import ShardSpec, merge_shards
 from .layout import (CheckpointError, CheckpointRef, ShardFiles, discover_files, resolve_checkpoint,
                      tensor_parallel_layout_for)
 from .serialization import iter_safetensors, load_ds_file
+
+OPTIMIZER_KINDS = ("exp_avg", "exp_avg_sq")
+"""Adam's per-parameter moments, read like the fp32 masters (``kind=`` of ``get`` / ``full_tensor``)."""
 
 DEFAULT_RELEASE_EVERY = 256 * 2 ** 20
 """Bytes of tensors produced between two drops of the file mappings."""
@@ -76,8 +79,19 @@ class _RankReader:
     def shapes(self) -> "OrderedDict[str, torch.Size]":
         raise NotImplementedError
 
-    def get(self, name: str) -> torch.Tensor:
+    def get(self, name: str, kind: str = "fp32") -> torch.Tensor:
         raise NotImplementedError
+
+    def has_optimizer_state(self) -> bool:
+        return False
+
+    def optimizer_step(self) -> Optional[int]:
+        return None
+
+    def _fp32_only(self, kind: str) -> None:
+        if kind != "fp32":
+            raise CheckpointError(f"optimizer state ({kind}) is read from ZeRO-3 and weights-only checkpoints only; "
+                                  f"this one is {type(self).__name__[1:-6]} (convert with --weights-only)")
 
 
 class _Zero3Reader(_RankReader):
@@ -98,9 +112,30 @@ class _Zero3Reader(_RankReader):
     def shapes(self):
         return self._shapes
 
-    def _flat_groups(self, dp_rank: int) -> List[torch.Tensor]:
+    def _inner_state(self, dp_rank: int) -> dict:
+        """The torch optimizer's ``state`` over this DP rank's flat fp32 sub-groups (index order)."""
+        osd = self._load(self.files.optim_files[self.tp_rank][dp_rank])["optimizer_state_dict"]
+        return (osd.get("optimizer_state_dict") or {}).get("state") or {}
+
+    def has_optimizer_state(self) -> bool:
+        state = self._inner_state(0)
+        return bool(state) and all(k in v for v in state.values() for k in OPTIMIZER_KINDS)
+
+    def optimizer_step(self) -> Optional[int]:
+        steps = {int(v["step"]) for d in range(self.dp) for v in self._inner_state(d).values() if "step" in v}
+        if len(steps) > 1:
+            raise CheckpointError(f"TP rank {self.tp_rank}: Adam step counts differ across sub-groups/DP ranks: {steps}")
+        return steps.pop() if steps else None
+
+    def _flat_groups(self, dp_rank: int, kind: str = "fp32") -> List[torch.Tensor]:
         osd = self._load(self.files.optim_files[self.tp_rank][dp_rank])["optimizer_state_dict"]
         groups = osd["fp32_flat_groups"]
+        if kind != "fp32":
+            state = self._inner_state(dp_rank)
+            moments = [state[i][kind] for i in sorted(state)]
+            if [m.numel() for m in moments] != [g.numel() for g in groups]:
+                raise CheckpointError(f"TP rank {self.tp_rank}: {kind} partitions do not match the fp32 partitions")
+            groups = moments
         if self._group_sizes is None:
             self._group_sizes = [g.numel() for g in groups]
             if sum(self._group_sizes) != self._per_rank_numel:
@@ -109,8 +144,8 @@ class _Zero3Reader(_RankReader):
                     f"but param_shapes need {self._per_rank_numel}: files from different runs mixed?")
         return groups
 
-    def _slice(self, dp_rank: int, start: int, length: int) -> torch.Tensor:
-        groups = self._flat_groups(dp_rank)
+    def _slice(self, dp_rank: int, start: int, length: int, kind: str = "fp32") -> torch.Tensor:
+        groups = self._flat_groups(dp_rank, kind)
         pieces, base = [], 0
         for g in groups:  # a parameter may in principle cross a sub-group boundary
             lo, hi = max(start, base), min(start + length, base + g.numel())
@@ -119,10 +154,10 @@ class _Zero3Reader(_RankReader):
             base += g.numel()
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
-    def get(self, name):
+    def get(self, name, kind="fp32"):
         shape = self._shapes[name]
         per = math.ceil(shape.numel() / self.dp)
-        parts = [self._slice(d, self._offsets[name], per) for d in range(self.dp)]
+        parts = [self._slice(d, self._offsets[name], per, kind) for d in range(self.dp)]
         flat = torch.cat(parts)[:shape.numel()] if self.dp > 1 else parts[0][:shape.numel()].clone()
         return flat.float().view(shape)
 
@@ -145,7 +180,8 @@ class _Zero12Reader(_RankReader):
     def shapes(self):
         return self._shapes
 
-    def get(self, name):
+    def get(self, name, kind="fp32"):
+        self._fp32_only(kind)
         gi, start = self._where[name]
         shape = self._shapes[name]
         end = start + shape.numel()
@@ -189,7 +225,8 @@ class _Zero0Reader(_RankReader):
     def shapes(self):
         return self._shapes
 
-    def get(self, name):
+    def get(self, name, kind="fp32"):
+        self._fp32_only(kind)
         states = self._load(self.files.model_files[self.tp_rank][0])
         if name in self._master:
             gi, pi = self._master[name]
@@ -200,23 +237,43 @@ class _Zero0Reader(_RankReader):
 class _WeightsOnlyReader(_RankReader):
     def __init__(self, files, tp_rank, trusted):
         super().__init__(files, tp_rank, trusted)
+        import json
+        import os
         from safetensors import safe_open
+        from .layout import WEIGHTS_ONLY_MARKER
         self._path = files.model_files[tp_rank][0]
         with safe_open(self._path, framework="pt") as f:
             self._shapes = OrderedDict((n, torch.Size(f.get_slice(n).get_shape())) for n in f.keys())
+        tag_dir = os.path.dirname(self._path)
+        with open(os.path.join(tag_dir, WEIGHTS_ONLY_MARKER)) as f:
+            opt = json.load(f).get("optimizer")
+        self._optim = opt if isinstance(opt, dict) else None
+        self._optim_path = os.path.join(tag_dir, opt["files"][tp_rank]) if self._optim else None
 
     def shapes(self):
         return self._shapes
 
-    def get(self, name):
-        for _, t in iter_safetensors(self._path, [name]):
+    def has_optimizer_state(self) -> bool:
+        return self._optim is not None
+
+    def optimizer_step(self) -> Optional[int]:
+        return int(self._optim["step"]) if self._optim and self._optim.get("step") is not None else None
+
+    def get(self, name, kind="fp32"):
+        if kind == "fp32":
+            path, key = self._path, name
+        elif self._optim is None:
+            raise CheckpointError(f"{self._path}: weights-only checkpoint without optimizer state")
+        else:
+            path, key = self._optim_path, f"{kind}.{name}"
+        for _, t in iter_safetensors(path, [key]):
             return t.float()
 
 
 def _optimizer_group_names(cfg: RILSConfig, tp_size: int) -> List[List[str]]:
     """Parameter names of each optimizer group, in the order the trainer builds them."""
     from ..models import RILS, ParallelSpec
-    from ..train.engine import optimizer_groups
+    from ..models.param_groups import optimizer_groups
     from .layout import _pretend_tensor_parallel, _structural_config
     with _pretend_tensor_parallel(tp_size):
         model = RILS(_structural_config(cfg, tp_size), ParallelSpec(tp_group=object() if tp_size > 1 else None),
@@ -326,18 +383,30 @@ class Checkpoint:
         for r in self.readers:
             r.release()
 
-    def full_tensor(self, name: str) -> torch.Tensor:
-        """The TP = 1 fp32 tensor of ``name`` (merged, or checked across replicas)."""
+    def has_optimizer_state(self) -> bool:
+        """Adam moments are stored (ZeRO-3 runs; converter outputs written ``--with-optimizer``)."""
+        return all(r.has_optimizer_state() for r in self.readers)
+
+    def optimizer_step(self) -> Optional[int]:
+        """Adam's step count (bias correction), identical on every rank of a consistent checkpoint."""
+        steps = {r.optimizer_step() for r in self.readers}
+        if len(steps) > 1:
+            raise CheckpointError(f"Adam step counts differ across TP ranks: {sorted(steps, key=str)}")
+        return steps.pop()
+
+    def full_tensor(self, name: str, kind: str = "fp32") -> torch.Tensor:
+        """The TP = 1 fp32 tensor of ``name`` (merged, or checked across replicas); ``kind``
+        ``"exp_avg"`` / ``"exp_avg_sq"`` gives Adam's moments of that parameter instead."""
         spec = self.layout.get(name)
         if spec is not None:
-            shards = [r.get(name) for r in self.readers]
+            shards = [r.get(name, kind) for r in self.readers]
             for r, s in zip(self.readers, shards):
                 if s.shape != self.readers[0].shapes()[name]:
                     raise CheckpointError(f"{name}: TP rank {r.tp_rank} shard has shape {tuple(s.shape)}")
             return merge_shards(shards, spec.partition_dim, spec.stride, spec.vocab_size)
-        first = self.readers[0].get(name)
+        first = self.readers[0].get(name, kind)
         for r in self.readers[1:]:
-            other = r.get(name)
+            other = r.get(name, kind)
             if other.shape != first.shape:
                 raise ReplicaMismatchError(f"replicated parameter {name}: shape {tuple(other.shape)} on TP rank "
                                            f"{r.tp_rank}, {tuple(first.shape)} on TP rank 0")
@@ -352,12 +421,12 @@ class Checkpoint:
                     "parameter's gradient not identical across TP). Pass --replica-tolerance to accept small drift.")
         return first
 
-    def iter_full_tensors(self, names: Optional[List[str]] = None,
-                          release_every: int = DEFAULT_RELEASE_EVERY) -> Iterator[Tuple[str, torch.Tensor]]:
+    def iter_full_tensors(self, names: Optional[List[str]] = None, release_every: int = DEFAULT_RELEASE_EVERY,
+                          kind: str = "fp32") -> Iterator[Tuple[str, torch.Tensor]]:
         """``(name, fp32 TP=1 tensor)`` one at a time; file mappings dropped every ``release_every`` bytes."""
         produced = 0
         for name in (names if names is not None else self.names()):
-            tensor = self.full_tensor(name)
+            tensor = self.full_tensor(name, kind)
             produced += tensor.numel() * tensor.element_size() * max(1, self.tp_size)
             yield name, tensor
             if produced >= release_every:

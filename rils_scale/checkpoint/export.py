@@ -14,6 +14,7 @@ import torch
 from ..models.config import RILSConfig
 from ..models.vision import sincos_2d_position_embedding
 from ..parallel.sharding import padded_size, split_full_tensor
+from .consolidate import OPTIMIZER_KINDS
 from .layout import WEIGHTS_ONLY_MARKER, CheckpointError, tensor_parallel_layout_for
 from .serialization import StreamingSafetensorsWriter, write_json
 from .sources import RILS_CONFIG, RILS_FORMAT, RILS_WEIGHTS, Source, source_run_config, source_tokenizer
@@ -244,7 +245,7 @@ def export_timm(source: Source, output_dir: str, *, overwrite: bool = False) -> 
 
 # ---------------------------------------------------------------------------------- deepspeed
 def export_deepspeed(source: Source, output_dir: str, tensor_parallel: int, *, tokenizer: Optional[str] = None,
-                     overwrite: bool = False) -> Dict[str, str]:
+                     overwrite: bool = False, with_optimizer: Optional[bool] = None) -> Dict[str, str]:
     """A weights-only checkpoint for ``tensor_parallel`` TP ranks, laid out as a run directory::
 
         OUT/config.json, OUT/tokenizer.model
@@ -252,9 +253,13 @@ def export_deepspeed(source: Source, output_dir: str, tensor_parallel: int, *, t
         OUT/checkpoints/<tag>/rils_weights.json          marker + client state + LR-schedule state
         OUT/checkpoints/<tag>/tp_rank_XX.safetensors     TP rank XX's shards, fp32, trainer names
 
+        OUT/checkpoints/<tag>/tp_rank_XX_optim.safetensors  with_optimizer: Adam's exp_avg.* / exp_avg_sq.*
+        OUT/checkpoints/<tag>/rils_complete.json         written last: the tag is complete
+
     ``pretrain.py --output-dir OUT --resume --tensor-parallel N`` loads it (any ZeRO stage, any
-    DP size): weights exactly, step / samples / LR schedule restored, Adam moments
-    re-initialised (see docs/checkpoints.md for why).
+    DP size): fp32 weights exactly, step / samples / LR schedule restored, and with
+    ``with_optimizer`` (default: whenever the source holds Adam moments) both moments and
+    Adam's step count exactly, so training continues as if never interrupted (elastic resume).
     """
     if tensor_parallel < 1:
         raise CheckpointError(f"--tensor-parallel must be >= 1, got {tensor_parallel}")
@@ -282,28 +287,20 @@ def export_deepspeed(source: Source, output_dir: str, tensor_parallel: int, *, t
         return tuple(full)
 
     names = source.names()
+    has_optimizer = bool(getattr(source, "has_optimizer_state", lambda: False)())
+    if with_optimizer is None:
+        with_optimizer = has_optimizer
+    if with_optimizer and not has_optimizer:
+        raise CheckpointError(f"{source.describe().get('path')}: no Adam moments to carry (a weights-only source or a "
+                              "ZeRO-0/1/2 checkpoint); convert with --weights-only")
     files = [f"tp_rank_{t:02d}.safetensors" for t in range(tensor_parallel)]
-    entries = [(n, shard_shape(n), torch.float32) for n in names]
-    writers = [StreamingSafetensorsWriter(os.path.join(tag_dir, f), entries, {"format": "pt", "tp_rank": str(t)})
-               for t, f in enumerate(files)]
-    try:
-        for name, tensor in source.iter_full_tensors():
-            spec = layout.get(name)
-            if spec is None:
-                for w in writers:
-                    w.write(name, tensor)
-                continue
-            shards = split_full_tensor(tensor, spec.partition_dim, tensor_parallel, stride=spec.stride,
-                                       pad=spec.vocab_size is not None)
-            for w, shard in zip(writers, shards):
-                w.write(name, shard)
-            del shards
-        for w in writers:
-            w.close()
-    except BaseException:
-        for w in writers:
-            w.abort()
-        raise
+    _write_tp_shards(source, layout, tag_dir, files, names, shard_shape, tensor_parallel, kinds=("fp32",))
+    optimizer_meta = "not stored: Adam moments start from zero on resume (docs/checkpoints.md)"
+    if with_optimizer:
+        optim_files = [f"tp_rank_{t:02d}_optim.safetensors" for t in range(tensor_parallel)]
+        _write_tp_shards(source, layout, tag_dir, optim_files, names, shard_shape, tensor_parallel,
+                         kinds=OPTIMIZER_KINDS)
+        optimizer_meta = {"files": optim_files, "kinds": list(OPTIMIZER_KINDS), "step": source.optimizer_step()}
     client = dict(source.client_state)
     client.update(step=step, tensor_parallel=tensor_parallel, model_config=cfg.to_dict())
     client.setdefault("batches_consumed", 0)
@@ -313,11 +310,12 @@ def export_deepspeed(source: Source, output_dir: str, tensor_parallel: int, *, t
         "client_state": {k: client[k] for k in ("step", "batches_consumed", "skipped", "model_config",
                                                 "tensor_parallel") if k in client},
         "lr_scheduler": _jsonable(getattr(source, "lr_scheduler", None)),
-        "optimizer": "not stored: Adam moments start from zero on resume (docs/checkpoints.md)",
+        "optimizer": optimizer_meta,
         "source": source.describe(),
     })
-    with open(os.path.join(checkpoints, "latest"), "w") as f:
-        f.write(tag)
+    from .integrity import mark_complete, write_latest
+    mark_complete(tag_dir, {"tag": tag, "step": step, "converted": True})
+    write_latest(checkpoints, tag)
     run_cfg = source_run_config(source) or {}
     run_cfg = dict(run_cfg, model=cfg.to_dict(), tokenizer="tokenizer.model")
     run_cfg["parallel"] = dict(run_cfg.get("parallel", {}), tensor_parallel=tensor_parallel)
@@ -326,6 +324,33 @@ def export_deepspeed(source: Source, output_dir: str, tensor_parallel: int, *, t
     tok = _copy_tokenizer(source, output_dir, tokenizer, required=False)
     return {"checkpoint": tag_dir, "files": ", ".join(files), "config": os.path.join(output_dir, "config.json"),
             "tokenizer": tok or "(none found: pass --tokenizer to the trainer)"}
+
+
+def _write_tp_shards(source, layout, tag_dir, files, names, shard_shape, tensor_parallel, kinds) -> None:
+    """One safetensors file per TP rank with ``kind.name`` entries (plain ``name`` for fp32)."""
+    key = lambda kind, n: n if kind == "fp32" else f"{kind}.{n}"  # noqa: E731
+    entries = [(key(k, n), shard_shape(n), torch.float32) for k in kinds for n in names]
+    writers = [StreamingSafetensorsWriter(os.path.join(tag_dir, f), entries, {"format": "pt", "tp_rank": str(t)})
+               for t, f in enumerate(files)]
+    try:
+        for kind in kinds:
+            for name, tensor in source.iter_full_tensors(kind=kind) if kind != "fp32" else source.iter_full_tensors():
+                spec = layout.get(name)
+                if spec is None:
+                    for w in writers:
+                        w.write(key(kind, name), tensor)
+                    continue
+                shards = split_full_tensor(tensor, spec.partition_dim, tensor_parallel, stride=spec.stride,
+                                           pad=spec.vocab_size is not None)
+                for w, shard in zip(writers, shards):
+                    w.write(key(kind, name), shard)
+                del shards
+        for w in writers:
+            w.close()
+    except BaseException:
+        for w in writers:
+            w.abort()
+        raise
 
 
 def _jsonable(obj):
@@ -341,7 +366,8 @@ def _jsonable(obj):
 
 
 def export(source: Source, fmt: str, output: str, *, tensor_parallel: int = 1, tokenizer: Optional[str] = None,
-           overwrite: bool = False, vision_tower: str = "auto") -> Dict[str, str]:
+           overwrite: bool = False, vision_tower: str = "auto",
+           with_optimizer: Optional[bool] = None) -> Dict[str, str]:
     if fmt == "rils":
         return export_rils(source, output, tokenizer=tokenizer, overwrite=overwrite)
     if fmt == "timm":
@@ -350,5 +376,6 @@ def export(source: Source, fmt: str, output: str, *, tensor_parallel: int = 1, t
         from .open_clip_export import export_open_clip
         return export_open_clip(source, output, tokenizer=tokenizer, vision_tower=vision_tower, overwrite=overwrite)
     if fmt == "deepspeed":
-        return export_deepspeed(source, output, tensor_parallel, tokenizer=tokenizer, overwrite=overwrite)
+        return export_deepspeed(source, output, tensor_parallel, tokenizer=tokenizer, overwrite=overwrite,
+                                with_optimizer=with_optimizer)
     raise CheckpointError(f"unknown format {fmt!r}; choose from {FORMATS}")

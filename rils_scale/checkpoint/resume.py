@@ -12,8 +12,12 @@ checkpoint was written for:
    loaded weights with the stale masters of the fresh initialisation);
 3. step, samples, skip counters and the LR schedule's *position* are restored; the LR values
    follow this run's config (its ``--lr``, warm-up and decay: a conversion is a natural point to
-   change them), not the source run's ``base_lrs``. Adam moments stay at their fresh zero state
-   (the converter does not carry them; docs/checkpoints.md).
+   change them), not the source run's ``base_lrs``;
+4. when the checkpoint carries optimizer state (``convert_checkpoint.py --with-optimizer``, the
+   default for ZeRO-3 sources), both Adam moments of every parameter are set with
+   ``deepspeed.utils.safe_set_full_optimizer_state`` (DeepSpeed partitions them for this run's DP
+   size) and Adam's step count is restored: an elastic resume on another DP x TP layout. Without
+   it the moments stay at their fresh zero state (docs/checkpoints.md).
 
 Every rank reads the file of its own TP rank.
 """
@@ -28,6 +32,10 @@ import torch
 from .layout import WEIGHTS_ONLY_MARKER
 
 
+def weights_only_tag_dir(tag_dir: str) -> bool:
+    return os.path.isfile(os.path.join(tag_dir, WEIGHTS_ONLY_MARKER))
+
+
 def weights_only_tag(checkpoints_dir: str) -> Optional[str]:
     """The tag directory named by ``checkpoints_dir/latest`` if it is a weights-only checkpoint."""
     latest = os.path.join(checkpoints_dir, "latest")
@@ -38,20 +46,19 @@ def weights_only_tag(checkpoints_dir: str) -> Optional[str]:
     return tag_dir if os.path.isfile(os.path.join(tag_dir, WEIGHTS_ONLY_MARKER)) else None
 
 
-def load_weights_only_checkpoint(engine, checkpoints_dir: str, tp_rank: int, tp_size: int) -> Tuple[str, dict]:
-    """Load the weights-only checkpoint named by ``latest`` into a DeepSpeed engine.
+def load_weights_only_checkpoint(engine, checkpoints_dir: str, tp_rank: int, tp_size: int,
+                                 tag: Optional[str] = None) -> Tuple[str, dict]:
+    """Load a weights-only checkpoint (``tag``, default the one ``latest`` names) into a DeepSpeed engine.
 
     Returns ``(tag_dir, client_state)`` like ``engine.load_checkpoint``. Raises ``SystemExit``
     with a clear message when the checkpoint was written for another TP size or does not
     match the model.
     """
     import deepspeed
-    from deepspeed.utils import safe_set_full_fp32_param
-    from safetensors import safe_open
 
-    tag_dir = weights_only_tag(checkpoints_dir)
-    if tag_dir is None:
-        raise SystemExit(f"{checkpoints_dir}: 'latest' does not name a weights-only checkpoint")
+    tag_dir = weights_only_tag(checkpoints_dir) if tag is None else os.path.join(checkpoints_dir, tag)
+    if tag_dir is None or not weights_only_tag_dir(tag_dir):
+        raise SystemExit(f"{checkpoints_dir}: {tag or 'latest'} is not a weights-only checkpoint")
     with open(os.path.join(tag_dir, WEIGHTS_ONLY_MARKER)) as f:
         meta = json.load(f)
     if int(meta["tensor_parallel"]) != tp_size:
@@ -59,8 +66,12 @@ def load_weights_only_checkpoint(engine, checkpoints_dir: str, tp_rank: int, tp_
                          f"{tp_size}: convert again with launchers/convert_checkpoint.py --format deepspeed "
                          f"--tensor-parallel {tp_size}")
     path = os.path.join(tag_dir, meta["files"][tp_rank])
+    optim = meta.get("optimizer") if isinstance(meta.get("optimizer"), dict) else None
+    moments = _open_safetensors(os.path.join(tag_dir, optim["files"][tp_rank])) if optim else None
+    if optim is not None:
+        _ensure_adam_state(engine)
     module = engine.module
-    with safe_open(path, framework="pt", device="cpu") as f:
+    with _open_safetensors(path) as f:
         stored = set(f.keys())
         expected = {n for n, _ in module.named_parameters()}
         if stored != expected:
@@ -78,7 +89,13 @@ def load_weights_only_checkpoint(engine, checkpoints_dir: str, tp_rank: int, tp_
                         raise SystemExit(f"{prefix}.{n}: checkpoint shape {tuple(value.shape)}, model {tuple(p.shape)}")
                     p.data.copy_(value.to(device=p.device, dtype=p.dtype))
             for n, p in params:  # the optimizer's fp32 master copy (no-op for plain fp32 ZeRO-0)
-                safe_set_full_fp32_param(p, values[n].to(device=p.device, dtype=torch.float32))
+                _set_full_hp(p, values[n], None)
+                if moments is not None:
+                    name = f"{prefix}.{n}" if prefix else n
+                    for kind in optim["kinds"]:
+                        _set_full_hp(p, moments.get_tensor(f"{kind}.{name}"), kind)
+    if optim is not None and optim.get("step") is not None:
+        _set_adam_step(engine, int(optim["step"]))
 
     client = dict(meta.get("client_state", {}))
     _restore_schedule_position(engine, meta.get("lr_scheduler"), int(client.get("step", 0)))
@@ -88,6 +105,76 @@ def load_weights_only_checkpoint(engine, checkpoints_dir: str, tp_rank: int, tp_
     engine.global_samples = int(client.get("batches_consumed", step)) * engine.train_micro_batch_size_per_gpu() \
         * getattr(engine, "dp_world_size", 1)
     return tag_dir, client
+
+
+def _open_safetensors(path: str):
+    from safetensors import safe_open
+    try:
+        return safe_open(path, framework="pt", device="cpu")
+    except Exception as err:  # safetensors never unpickles: a planted pickle is just not a safetensors file
+        raise SystemExit(f"--resume: {path} is not a valid safetensors file ({err}); refused") from None
+
+
+def _set_full_hp(param, value: torch.Tensor, key: Optional[str]) -> None:
+    """Set this rank's partition of the fp32 master (``key=None``) or of an optimizer state.
+
+    ZeRO-3: DeepSpeed's ``set_full_hp_param`` narrows the unpadded full value at
+    ``partition_numel * rank``, which runs past the end on the DP ranks whose partition is
+    (partly) padding (``logit_scale``: 1 element over 2 DP ranks fails on rank 1). So the slice is
+    taken here and the padding set to zero. Other stages: DeepSpeed's ``safe_set_full_*``.
+    """
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+    value = value.to(dtype=torch.float32)
+    if not hasattr(param, "ds_id"):
+        value = value.to(param.device)
+        if key is None:
+            safe_set_full_fp32_param(param, value)
+        else:
+            safe_set_full_optimizer_state(param, value, key)
+        return
+    opt = param._z3_optimizer
+    if not param.requires_grad:
+        return
+    part, _ = opt._get_fp32_opt_state_partition(param, release_swap_buffers=False, optim_state_key=key)
+    start = part.numel() * opt._get_param_partition_rank(param)
+    piece = value.flatten()[start:start + part.numel()]
+    part.data.zero_()
+    part.data[:piece.numel()].copy_(piece.to(part.device))
+
+
+def _ensure_adam_state(engine) -> None:
+    """Create Adam's state before the first step, as the optimizer's first ``step`` would.
+
+    torch's Adam/AdamW (and DeepSpeed's fused/CPU Adam) create ``exp_avg`` / ``exp_avg_sq`` lazily,
+    and ZeRO-3's ``initialize_optimizer_states`` does not always run a step, so a fresh engine
+    may have no state to set. Zeros, step 0: exactly the state a first step starts from.
+    """
+    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    torch_adam = isinstance(inner, (torch.optim.Adam, torch.optim.AdamW))
+    # ZeRO-3 empties the groups' "params" between steps; its flat fp32 partitions are the params.
+    flat = getattr(engine.optimizer, "fp32_partitioned_groups_flat", None)
+    params = list(flat) if flat else [p for g in inner.param_groups for p in g["params"]]
+    amsgrad = any(g.get("amsgrad") for g in inner.param_groups)
+    for p in params:
+        state = inner.state[p]
+        if "exp_avg" in state:
+            continue
+        state["step"] = torch.tensor(0.0, dtype=torch.float32) if torch_adam else 0
+        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        if amsgrad:
+            state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+
+def _set_adam_step(engine, step: int) -> None:
+    """Adam's step count (its bias correction) on every state of the (inner) torch optimizer."""
+    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    for state in inner.state.values():
+        if "step" in state:
+            if torch.is_tensor(state["step"]):
+                state["step"].fill_(step)
+            else:
+                state["step"] = step
 
 
 def _restore_schedule_position(engine, state: Optional[dict], step: int) -> None:

@@ -90,11 +90,16 @@ def single_process_state() -> ParallelState:
     return ParallelState(ParallelDims(world_size=1))
 
 
-def init_parallel_state(tensor_parallel: int = 1, sequence_parallel: bool = False) -> ParallelState:
+def init_parallel_state(tensor_parallel: int = 1, sequence_parallel: bool = False,
+                        timeout_s: Optional[float] = None) -> ParallelState:
     """Create TP and DP groups on an initialised default process group.
 
-    Every rank must call this, in the same order (``new_group`` is collective).
+    Every rank must call this, in the same order (``new_group`` is collective). ``timeout_s``
+    bounds every collective of the groups (``--collective-timeout-s``): a peer that died makes
+    the others fail after it instead of waiting forever.
     """
+    import datetime
+    kw = {"timeout": datetime.timedelta(seconds=timeout_s)} if timeout_s else {}
     if not dist.is_initialized():
         return ParallelState(ParallelDims(1, tensor_parallel, sequence_parallel))
     world, rank = dist.get_world_size(), dist.get_rank()
@@ -102,12 +107,12 @@ def init_parallel_state(tensor_parallel: int = 1, sequence_parallel: bool = Fals
     tp_group = dp_group = None
     for d in range(dims.data_parallel):
         ranks = list(range(d * tensor_parallel, (d + 1) * tensor_parallel))
-        group = dist.new_group(ranks)
+        group = dist.new_group(ranks, **kw)
         if rank in ranks:
             tp_group = group
     for t in range(tensor_parallel):
         ranks = list(range(t, world, tensor_parallel))
-        group = dist.new_group(ranks)
+        group = dist.new_group(ranks, **kw)
         if rank in ranks:
             dp_group = group
     state = ParallelState(dims, rank, tp_group, dp_group)

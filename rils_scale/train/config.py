@@ -94,8 +94,14 @@ class TrainConfig:
     """Continue from the newest checkpoint in output_dir/checkpoints (fresh start if none)."""
     exit_after_steps: int = 0
     """Checkpoint and exit after this many steps of this invocation (preemptible clusters)."""
+    trust_pickle: bool = False
+    """--resume: fully unpickle DeepSpeed files the allowlisting reader refuses (runs code: own files only)."""
+    max_nonfinite_steps: int = 20
+    """Stop (exit 3, no checkpoint) after this many consecutive non-finite loss/grad-norm steps; 0: never."""
+    collective_timeout_s: float = 600.0
+    """Process-group timeout: a collective waiting on a dead rank fails after this (no hang)."""
     peak_tflops: Optional[float] = None
-    """Peak dense TFLOP/s per device for MFU (default: from the known-GPU table)."""
+    """Peak dense TFLOP/s per device for MFU (default: GPU datasheet table; CPUs: no MFU without it)."""
     visualize_every: int = 0
     """Steps between patch-sentence probability maps logged to TensorBoard (0: never)."""
     ds_config: str = ""

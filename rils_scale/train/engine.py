@@ -2,41 +2,17 @@
 from __future__ import annotations
 
 import logging
-from typing import Dict, List
-
 import torch
-import torch.nn as nn
 
 from ..models import ParallelSpec, RILSConfig, build_model
-from ..parallel import DeepSpeedMPU, ParallelState, VocabParallelEmbedding
+from ..models.param_groups import optimizer_groups  # noqa: F401 (re-exported for old imports)
+from ..parallel import DeepSpeedMPU, ParallelState
 from ..parallel.deepspeed_utils import check_zero_tensor_parallel_setup, zero_init_context
 from ..parallel.random import model_parallel_seed
 from .config import TrainConfig
 from .schedule import warmup_cosine
 
 log = logging.getLogger(__name__)
-
-# Parameters never decayed, by name (shapes are useless under ZeRO-3: partitions report (0,)).
-_NO_DECAY_NAMES = ("bias", "q_bias", "v_bias", "cls_token", "mask_token", "positional_embedding",
-                   "logit_scale.value")
-
-
-def optimizer_groups(model: nn.Module, weight_decay: float) -> List[Dict]:
-    """AdamW groups: decay for weight matrices, none for norms, biases, embeddings, tokens and the
-    logit scale. Decided by module type and parameter name, never by ``ndim`` (DESIGN §7)."""
-    no_decay_ids = set()
-    for module in model.modules():
-        if isinstance(module, (nn.LayerNorm, VocabParallelEmbedding, nn.Embedding)):
-            no_decay_ids.update(id(p) for p in module.parameters(recurse=False))
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        exempt = id(param) in no_decay_ids or name.split(".")[-1] in _NO_DECAY_NAMES \
-            or any(name.endswith(n) for n in _NO_DECAY_NAMES)
-        (no_decay if exempt else decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
-            {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
 
 
 def zero_stage(ds_config: dict) -> int:

@@ -1,10 +1,11 @@
 """The pre-training loop: data -> engine -> objective, logging, checkpoints, resume, signals."""
 from __future__ import annotations
 
-import glob
+import datetime
 import logging
 import os
 import shutil
+import sys
 import time
 from typing import Dict, Optional
 
@@ -18,9 +19,11 @@ from ..parallel import ParallelDims, init_parallel_state
 from ..parallel import comm
 from .config import TrainConfig, load_ds_config, resolve_batch_sizes
 from .engine import build_engine, compute_dtype, zero_stage
+from . import checkpointing
+from .guard import EXIT_NONFINITE, NonFiniteAbort, NonFiniteGuard
 from .metrics import MetricsLogger, merge_skips, write_json
 from .param_clamp import clamp_logit_scale_
-from .signals import DataWaitWatchdog, StopRequest
+from .signals import DataWaitWatchdog, LauncherWatch, StopRequest
 
 log = logging.getLogger("rils_scale.train")
 
@@ -33,15 +36,6 @@ def mask_generator(seed: int, dp_rank: int, micro_step: int) -> torch.Generator:
 
 def checkpoint_dir(cfg: TrainConfig) -> str:
     return os.path.join(cfg.output_dir, "checkpoints")
-
-
-def _prune_checkpoints(directory: str, keep: int) -> None:
-    if keep <= 0:
-        return
-    tags = sorted(glob.glob(os.path.join(directory, "global_step*")),
-                  key=lambda p: int(p.rsplit("global_step", 1)[1]))
-    for old in tags[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 class Trainer:
@@ -57,7 +51,8 @@ class Trainer:
             # (measured here: 2 ranks x 2 threads on 2 cores ran 5-10x slower than 2 x 1).
             local = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", "1")))
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local)))
-        deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
+        deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
+                                   timeout=datetime.timedelta(seconds=cfg.collective_timeout_s))
         self.rank = dist.get_rank()
         self.world = dist.get_world_size()
         self.is_main = self.rank == 0
@@ -67,10 +62,11 @@ class Trainer:
                                     decoder_text_conditioning=cfg.decoder_text_conditioning)
         self.model_cfg.text.vocab_size = self.tokenizer.vocab_size
         self._validate()
+        self._preflight()
         dims = ParallelDims(self.world, cfg.tensor_parallel, cfg.sequence_parallel)
         self.ds_config = resolve_batch_sizes(load_ds_config(cfg), dims.data_parallel)
 
-        self.state = init_parallel_state(cfg.tensor_parallel, cfg.sequence_parallel)
+        self.state = init_parallel_state(cfg.tensor_parallel, cfg.sequence_parallel, cfg.collective_timeout_s)
         self.engine, self.spec = build_engine(cfg, self.model_cfg, self.ds_config, self.state)
         self.device = self.engine.device
         self.dtype = compute_dtype(self.ds_config)
@@ -86,6 +82,11 @@ class Trainer:
         self.batches_consumed = 0
         self.skipped: Dict[str, int] = {}
         self.skipped_before_resume: Dict[str, int] = {}
+        self.guard = NonFiniteGuard(cfg.max_nonfinite_steps, self.is_main)
+        self.resume_point: Optional[checkpointing.ResumePoint] = None  # .path: the resumed tag directory
+        # Per-rank hook ``fn(tag_dir)`` writing extra files into a checkpoint before it is marked
+        # complete (e.g. the loader state of each DP rank).
+        self.write_checkpoint_extra = None
         self.flops_per_step = self._flops_per_step()
 
     # ------------------------------------------------------------------ set-up helpers
@@ -107,6 +108,13 @@ class Trainer:
             raise SystemExit(f"invalid configuration: {err}") from None
         for note in notes if self.is_main else ():
             log.info(note)
+
+    def _preflight(self) -> None:
+        """Bad shards and a tokenizer that does not fit the checkpoint: before any engine."""
+        from .preflight import check_resume_vocabulary, check_shards
+        check_shards(self.cfg.train_data)
+        if self.cfg.resume:
+            check_resume_vocabulary(self.cfg.output_dir, self.tokenizer.vocab_size, self.cfg.tokenizer)
 
     def _flops_per_step(self, recon_rows_fraction: float = 1.0) -> Optional[Dict]:
         try:
@@ -145,41 +153,32 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def save(self) -> None:
-        directory = checkpoint_dir(self.cfg)
-        total_skips = self._global_skips()
-        self.engine.save_checkpoint(directory, tag=f"global_step{self.step}", client_state={
-            "step": self.step, "batches_consumed": self.batches_consumed, "skipped": total_skips,
+        checkpointing.save(self, client_state={
+            "step": self.step, "batches_consumed": self.batches_consumed, "skipped": self._global_skips(),
+            "nonfinite_steps": self.guard.total,
             "model_config": self.model_cfg.to_dict(), "tensor_parallel": self.state.tp_size,
-        })
-        if self.is_main:
-            _prune_checkpoints(directory, self.cfg.keep_checkpoints)
-            print(f"[rils_scale] checkpoint saved: {directory}/global_step{self.step}", flush=True)
-        comm.barrier()
+        }, write_extra=self.write_checkpoint_extra)
 
     def maybe_resume(self) -> None:
-        directory = checkpoint_dir(self.cfg)
         if not self.cfg.resume:
             return
-        if not os.path.exists(os.path.join(directory, "latest")):
+        point = checkpointing.resume(self)
+        if point is None:
             if self.is_main:
-                print(f"[rils_scale] --resume: no checkpoint in {directory}, starting fresh", flush=True)
+                print(f"[rils_scale] --resume: no checkpoint in {checkpoint_dir(self.cfg)}, starting fresh", flush=True)
             return
-        from ..checkpoint.resume import load_weights_only_checkpoint, weights_only_tag
-        if weights_only_tag(directory) is not None:  # written by convert_checkpoint.py --format deepspeed
-            path, client = load_weights_only_checkpoint(self.engine, directory, self.state.tp_rank, self.state.tp_size)
-        else:
-            path, client = self.engine.load_checkpoint(directory)
-        if path is None:
-            raise SystemExit(f"could not load the checkpoint in {directory}")
+        client = point.client_state
         if client.get("tensor_parallel", 1) != self.state.tp_size:
             raise SystemExit(f"checkpoint was written with --tensor-parallel {client.get('tensor_parallel')}, "
                              f"this run uses {self.state.tp_size}: convert it with "
                              "launchers/convert_checkpoint.py --format deepspeed --tensor-parallel N")
+        self.resume_point = point
         self.step = int(client["step"])
         self.batches_consumed = int(client["batches_consumed"])
         self.skipped_before_resume = dict(client.get("skipped", {}))
+        self.guard.total = int(client.get("nonfinite_steps", 0))
         if self.is_main:
-            print(f"[rils_scale] resumed from {path} at step {self.step}", flush=True)
+            print(f"[rils_scale] resumed from {point.path} at step {self.step}", flush=True)
 
     def _global_skips(self) -> Dict[str, int]:
         """Skip counts summed over DP ranks (TP peers read the same data) plus earlier runs."""
@@ -205,15 +204,19 @@ class Trainer:
                 self.cfg.seed, self.state.dp_rank, self.batches_consumed),
                 mask_strategy=self.cfg.mask_strategy, mask_temperature=self.cfg.mask_temperature)
             loss, metrics = self.objective(out)
+            self.guard.observe_loss(loss)
             self.engine.backward(loss)
             self.engine.step()
             self.batches_consumed += 1
             for k, v in metrics.items():  # device tensors: no host sync until a logged step
                 v = v.detach() if torch.is_tensor(v) else v
                 sums[k] = sums[k] + v if k in sums else v
-        clamp_logit_scale_(self.engine)  # after the applied optimizer step (train/param_clamp.py)
         avg = {k: v / self.grad_accum for k, v in sums.items()}
         avg["data_wait_s"] = wait
+        # Not applied (non-finite loss / grad norm): the batches are consumed, the step number is not.
+        avg["step_applied"] = self.guard.after_step(self.engine, self.step + 1)
+        if avg["step_applied"]:
+            clamp_logit_scale_(self.engine)  # the parameter itself stays <= the cap (train/param_clamp.py)
         return avg
 
     def _reduce_metrics(self, m: Dict[str, float]) -> Dict[str, float]:
@@ -232,6 +235,7 @@ class Trainer:
         self._write_run_config()
         logger = MetricsLogger(cfg.output_dir, self.is_main, cfg.max_steps, resume=cfg.resume)
         stop = StopRequest()
+        LauncherWatch(stop)
         batches = iter(self._loader())
         steps_this_run, window_start, window_steps = 0, time.perf_counter(), 0
         if self.is_main:
@@ -241,6 +245,11 @@ class Trainer:
         exit_reason = "finished"
         while self.step < cfg.max_steps:
             m = self.train_step(batches)
+            if not m.pop("step_applied"):
+                if stop.agreed():  # a skipped step leaves the last checkpoint as it is
+                    exit_reason = f"signal {stop.signal_name or '(peer)'}"
+                    break
+                continue
             self.step += 1
             steps_this_run += 1
             window_steps += 1
@@ -253,6 +262,7 @@ class Trainer:
                 m.update(self._perf_metrics(m["step_time_s"], m["recon_keep_frac"]))
                 skips = self._global_skips()
                 m["skipped_samples"] = sum(skips.values())
+                m["nonfinite_steps"] = self.guard.total
                 m.update({f"skipped/{k}": v for k, v in sorted(skips.items())})
                 logger.log(self.step, m)
                 logger.progress(self.step, m, steps_this_run)
@@ -283,27 +293,34 @@ class Trainer:
             return out
         # Count the reconstruction rows actually computed (the retrieval filter drops rows).
         flops = self._flops_per_step(keep_fraction)["total"] * self.grad_accum
+        out["model_tflop_per_step"] = flops / 1e12  # per device: what the code computes, rate-free
         out["tflops_per_device"] = flops / step_time / 1e12
         peak = self._peak_tflops()
         if peak:
-            out["mfu"] = out["tflops_per_device"] / peak
+            # Above 1 means the peak is wrong (or --peak-tflops too low): clamp, and say so once.
+            mfu = out["tflops_per_device"] / peak
+            if mfu > 1 and not getattr(self, "_mfu_warned", False) and self.is_main:
+                print(f"[rils_scale] measured {out['tflops_per_device']:.3f} TFLOP/s exceeds the peak {peak}: "
+                      "MFU capped at 100 % (check --peak-tflops)", flush=True)
+                self._mfu_warned = True
+            out["mfu"] = min(mfu, 1.0)
             out["peak_tflops"] = peak
         return out
 
     def _peak_tflops(self) -> Optional[float]:
-        """--peak-tflops, else the datasheet table, else (CPUs, unknown GPUs) this device's
-        measured matmul rate, decided once per run and announced."""
+        """--peak-tflops, else the datasheet table (known GPUs), else none: no MFU is reported.
+        A rate measured on a CPU depends on whatever else runs on the machine (130-970 % MFU was
+        seen on a shared box), so it is never used as a denominator (docs/checkpoints.md, MFU)."""
         if not hasattr(self, "_peak"):
-            from .hardware import device_name, measured_matmul_tflops, peak_tflops
+            from .hardware import device_name, peak_tflops
             name = device_name()
             peak, source = self.cfg.peak_tflops, "--peak-tflops"
             if not peak:
                 peak, source = peak_tflops(name, "bf16" if self.dtype != torch.float32 else "fp32"), "datasheet"
-            if not peak:
-                peak, source = measured_matmul_tflops(self.dtype), "measured matmul rate"
-            self._peak = peak
+            self._peak = peak or None
             if self.is_main:
-                print(f"[rils_scale] MFU denominator: {peak:.3f} TFLOP/s per device ({source}, {name})", flush=True)
+                print(f"[rils_scale] MFU denominator: {peak:.3f} TFLOP/s per device ({source}, {name})" if peak else
+                      f"[rils_scale] MFU not reported: no datasheet peak for {name} (pass --peak-tflops)", flush=True)
         return self._peak
 
     def _visualize(self, logger: MetricsLogger) -> None:
@@ -320,4 +337,37 @@ def train(cfg: TrainConfig) -> None:
     warnings.filterwarnings("ignore", message=r".*`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     logging.basicConfig(level=logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING,
                         format="[%(asctime)s] %(name)s: %(message)s")
-    Trainer(cfg).run()
+    _run_or_exit(cfg)
+
+
+def _run_or_exit(cfg: TrainConfig) -> None:
+    """Run; on failure exit this rank *now* with a clear message and a documented status.
+
+    A rank that raised would otherwise sit in interpreter shutdown (loader workers, process
+    group destructors) while its peers wait in a collective: ``os._exit`` after flushing makes
+    the peers' next collective fail (gloo: at once; NCCL: after --collective-timeout-s).
+    """
+    rank = os.environ.get("RANK", "0")
+    code = 0
+    try:
+        Trainer(cfg).run()
+    except NonFiniteAbort as err:
+        print(f"[rils_scale] rank {rank}: stopped: {err}", file=sys.stderr, flush=True)
+        code = EXIT_NONFINITE
+    except checkpointing.CheckpointWriteError as err:
+        print(f"[rils_scale] rank {rank}: CheckpointWriteError: {err}", file=sys.stderr, flush=True)
+        code = checkpointing.EXIT_CHECKPOINT_WRITE
+    except SystemExit as err:  # a clear message raised on this rank (maybe only on this one)
+        if err.code in (None, 0):
+            raise
+        print(f"[rils_scale] rank {rank}: {err.code}" if isinstance(err.code, str) else "", file=sys.stderr, flush=True)
+        code = err.code if isinstance(err.code, int) else 1
+    except BaseException as err:  # noqa: BLE001 (KeyboardInterrupt too: exit, never hang)
+        import traceback
+        traceback.print_exc()
+        print(f"[rils_scale] rank {rank}: failed: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
+        code = 1
+    if code:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)

@@ -57,6 +57,8 @@ class MetricsLogger:
                  f"lr {m['lr']:.2e}", f"{m['samples_per_s']:.1f} samples/s", f"data wait {m['data_wait_s']:.3f}s"]
         if m.get("mfu") is not None:
             parts.append(f"MFU {100 * m['mfu']:.1f}%")
+        if m.get("nonfinite_steps"):
+            parts.append(f"non-finite steps {int(m['nonfinite_steps'])}")
         if m.get("skipped_samples"):
             parts.append(f"skipped {int(m['skipped_samples'])}")
         parts.append(f"eta {_fmt_duration(eta)}")

@@ -1,6 +1,7 @@
 """Signals and stalls seen by the training loop: an agreed stop, a warning while data is late."""
 from __future__ import annotations
 
+import os
 import signal
 import threading
 import time
@@ -56,3 +57,54 @@ class DataWaitWatchdog:
     def __exit__(self, *exc):
         if self.timer is not None:
             self.timer.cancel()
+
+
+def _launcher_ancestors(max_depth: int = 4) -> list:
+    """PIDs of the launcher processes above this rank (deepspeed runner / launch, torchrun, srun)."""
+    out, pid = [], os.getppid()
+    for _ in range(max_depth):
+        if pid <= 1:
+            break
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+            with open(f"/proc/{pid}/stat") as f:
+                parent = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            break
+        if any(k in cmd for k in ("deepspeed", "torchrun", "torch.distributed", "srun", "mpirun")):
+            out.append(pid)
+        pid = parent
+    return out
+
+
+class LauncherWatch:
+    """Requests a stop when a launcher process above this rank dies (killed, crashed, SIGKILLed).
+
+    A signalled ``deepspeed`` runner does not always take its ranks with it; without this they
+    train on unsupervised. Polled every ``interval`` seconds by a daemon thread; the loop then
+    checkpoints at the next step boundary and exits (within one step + ``interval`` seconds).
+    Linux only (reads /proc); elsewhere it watches nothing.
+    """
+
+    def __init__(self, stop: "StopRequest", interval: float = 1.0):
+        self.stop, self.interval = stop, interval
+        self.pids = _launcher_ancestors() if os.path.isdir("/proc") else []
+        self.ppid = os.getppid()
+        if self.pids:
+            threading.Thread(target=self._watch, daemon=True, name="rils-launcher-watch").start()
+
+    def _alive(self, pid: int) -> bool:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            return False
+
+    def _watch(self):
+        while True:
+            time.sleep(self.interval)
+            if os.getppid() != self.ppid or not all(self._alive(p) for p in self.pids):
+                self.stop.requested = True
+                self.stop.signal_name = self.stop.signal_name or "launcher exited"
+                return

@@ -1,0 +1,91 @@
+"""DeepSpeed's own resume path without pickle code execution.
+
+``DeepSpeedEngine.load_checkpoint`` reads every ``*_model_states.pt`` / ``*_optim_states.pt``
+through its checkpoint engine, whose ``load`` is ``torch.load(weights_only=False)``: a
+checkpoint that travelled between clusters or people could run any code on ``--resume``.
+:class:`SafeCheckpointEngine` keeps DeepSpeed's writer and replaces the reader with
+``torch.load(weights_only=True)`` plus an explicit allowlist of the DeepSpeed classes its files
+contain. The list was taken from real files with
+``torch.serialization.get_unsafe_globals_in_checkpoint`` (DeepSpeed 0.19.8: ZeRO-3 bf16 optimizer
+files hold ``LossScaler`` and ``ZeroStageEnum``; fp16 runs ``DynamicLossScaler``; ZeRO-1/2 files
+``fragment_address``; model-states files none). The weights-only unpickler rebuilds an
+allowlisted class by ``__new__`` + ``__setstate__``/``__dict__`` update, so none of DeepSpeed's
+code runs either. Anything else is refused with :class:`UnsafeCheckpointError`;
+``--trust-pickle`` (``trusted=True``) restores DeepSpeed's full unpickling for files you wrote.
+
+Unlike :func:`rils_scale.checkpoint.serialization.load_ds_file` (the converter's reader, which
+maps the same names to inert stand-ins so DeepSpeed need not be installed), this one returns the
+real DeepSpeed objects, because the engine goes on to use its loss scaler.
+"""
+from __future__ import annotations
+
+import logging
+import pickle
+from typing import List
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+class UnsafeCheckpointError(RuntimeError):
+    """A checkpoint file needs a pickle global outside the allowlist (never unpickled)."""
+
+
+def deepspeed_safe_globals() -> List:
+    """The DeepSpeed classes its checkpoint files pickle (see the module docstring)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    out = [LossScaler, DynamicLossScaler, ZeroStageEnum]
+    try:
+        from deepspeed.utils.tensor_fragment import fragment_address
+        out.append(fragment_address)
+    except ImportError:  # older DeepSpeed: ZeRO-1/2 files without it
+        pass
+    return out
+
+
+def safe_torch_load(path: str, map_location=None, trusted: bool = False):
+    """``torch.load`` of a DeepSpeed file with the allowlist; full unpickling only if ``trusted``."""
+    try:
+        with torch.serialization.safe_globals(deepspeed_safe_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        if trusted:
+            log.warning("%s: needs a global outside the allowlist; unpickling fully (--trust-pickle)", path)
+            return torch.load(path, map_location=map_location, weights_only=False)
+        lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+        first = next((ln for ln in lines if "global" in ln.lower()), lines[0] if lines else type(err).__name__)[:300]
+        raise UnsafeCheckpointError(
+            f"{path}: refused, it needs code outside the allowlist of DeepSpeed classes to unpickle "
+            f"({first}). Nothing was executed. If this checkpoint comes from your own run, resume "
+            "with --trust-pickle.") from None
+
+
+def _torch_engine_class():
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+    return TorchCheckpointEngine
+
+
+def install_safe_checkpoint_engine(engine, trusted: bool = False) -> None:
+    """Make ``engine.load_checkpoint`` read files with :func:`safe_torch_load`.
+
+    DeepSpeed's default (torch) checkpoint engine is replaced by a subclass that writes the same
+    files; any other engine (Nebula, fast, decoupled writers) keeps its writer and gets the safe
+    reader on the instance.
+    """
+    current = engine.checkpoint_engine
+    base = _torch_engine_class()
+
+    class SafeCheckpointEngine(base):
+        """DeepSpeed's torch checkpoint engine whose ``load`` never executes pickled code."""
+
+        def load(self, path: str, map_location=None):
+            return safe_torch_load(path, map_location=map_location, trusted=trusted)
+
+    if type(current) is base:
+        safe = SafeCheckpointEngine.__new__(SafeCheckpointEngine)
+        safe.__dict__.update(current.__dict__)  # same name / serialization settings as DeepSpeed chose
+        engine.checkpoint_engine = safe
+    else:
+        current.load = lambda path, map_location=None: safe_torch_load(path, map_location, trusted)

@@ -1,0 +1,117 @@
+"""Saving and resuming the trainer's checkpoints, crash-consistently and without pickle code.
+
+``save`` (every rank):
+
+1. a tag directory left half written by a crash (no completeness marker) is removed first;
+2. ``engine.save_checkpoint(..., save_latest=False)`` writes DeepSpeed's files; then
+   ``write_extra(tag_dir)`` (the per-rank hook, e.g. the loader state of each DP rank) writes
+   extra files *inside the tag*, before the tag is declared complete; every rank fsyncs;
+3. after a barrier rank 0 writes ``rils_complete.json`` (after fsync), then ``latest``
+   atomically, then prunes (``rils_scale.checkpoint.integrity``).
+
+Any failure while writing (a full disk: ``ENOSPC``; torch reports it as "basic_ios::clear" or
+"PytorchStreamWriter failed writing file") raises :class:`CheckpointWriteError` naming the tag
+and the cause; the trainer exits non-zero; the previous tag and ``latest`` are untouched.
+
+``resume`` loads the newest *complete* tag: weights-only tags (converter outputs) through
+``checkpoint.resume``, DeepSpeed tags through ``engine.load_checkpoint`` with the allowlisting
+reader of ``checkpoint.safe_load`` installed first (``--trust-pickle`` to opt out).
+"""
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from ..checkpoint import integrity
+from ..parallel import comm
+
+EXIT_CHECKPOINT_WRITE = 4
+"""Exit status of a run whose checkpoint could not be written."""
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (the previous one is intact)."""
+
+
+@dataclass
+class ResumePoint:
+    """Where a run resumed: the tag directory (per-rank extra files live there) and its step."""
+    path: str
+    tag: str
+    step: int
+    client_state: dict
+
+
+def _is_disk_full(err: BaseException, directory: str) -> bool:
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(err)
+    if "No space left" in text or "ENOSPC" in text:
+        return True
+    try:
+        return shutil.disk_usage(directory).free < 64 * 2 ** 20
+    except OSError:
+        return False
+
+
+def save(trainer, client_state: dict, write_extra: Optional[Callable[[str], None]] = None) -> str:
+    """Write ``global_step{trainer.step}``; returns the tag directory."""
+    directory = os.path.join(trainer.cfg.output_dir, "checkpoints")
+    tag = f"global_step{trainer.step}"
+    tag_dir = os.path.join(directory, tag)
+    if trainer.is_main and os.path.isdir(tag_dir) and not integrity.is_complete(tag_dir):
+        shutil.rmtree(tag_dir)  # debris of a crashed save of this same step
+    comm.barrier()
+    try:
+        trainer.engine.save_checkpoint(directory, tag=tag, client_state=client_state, save_latest=False)
+        if write_extra is not None:
+            write_extra(tag_dir)
+        integrity.fsync_tree(tag_dir)
+    except Exception as err:
+        cause = "the disk is full (ENOSPC)" if _is_disk_full(err, directory) else "a write failed"
+        raise CheckpointWriteError(
+            f"rank {trainer.rank}: could not write checkpoint {tag_dir}: {cause}: {type(err).__name__}: "
+            f"{str(err).strip()[:300]}. The previous checkpoint ({integrity.read_latest(directory)}) is intact; "
+            "free space and resume with --resume.") from err
+    comm.barrier()
+    if trainer.is_main:
+        try:
+            integrity.mark_complete(tag_dir, {"tag": tag, "step": trainer.step, "world_size": trainer.world})
+            integrity.write_latest(directory, tag)
+        except OSError as err:
+            raise CheckpointWriteError(f"could not complete checkpoint {tag_dir}: {err}") from err
+        integrity.prune(directory, trainer.cfg.keep_checkpoints)
+        print(f"[rils_scale] checkpoint saved: {tag_dir}", flush=True)
+    comm.barrier()
+    return tag_dir
+
+
+def resume(trainer) -> Optional[ResumePoint]:
+    """Load the newest complete checkpoint into ``trainer.engine``; ``None`` if there is none."""
+    from ..checkpoint.resume import load_weights_only_checkpoint, weights_only_tag_dir
+    from ..checkpoint.safe_load import UnsafeCheckpointError, install_safe_checkpoint_engine
+
+    directory = os.path.join(trainer.cfg.output_dir, "checkpoints")
+    tag = integrity.newest_complete_tag(directory)
+    if tag is None:
+        partial = integrity.list_tags(directory)
+        if partial and trainer.is_main:  # the first save was interrupted: nothing to resume from
+            print(f"[rils_scale] --resume: ignoring incomplete checkpoints in {directory}: {', '.join(partial)}",
+                  flush=True)
+        return None
+    tag_dir = os.path.join(directory, tag)
+    if weights_only_tag_dir(tag_dir):  # written by convert_checkpoint.py --format deepspeed
+        path, client = load_weights_only_checkpoint(trainer.engine, directory, trainer.state.tp_rank,
+                                                    trainer.state.tp_size, tag=tag)
+    else:
+        install_safe_checkpoint_engine(trainer.engine, trusted=trainer.cfg.trust_pickle)
+        try:
+            path, client = trainer.engine.load_checkpoint(directory, tag=tag)
+        except UnsafeCheckpointError as err:
+            raise SystemExit(f"--resume: {err}") from None
+    if path is None:
+        raise SystemExit(f"could not load the checkpoint {tag_dir}")
+    return ResumePoint(path=tag_dir, tag=tag, step=int(client["step"]), client_state=client)

@@ -43,6 +43,7 @@ setup(
     ],
     extras_require={
         "dev": ["pytest>=8"],
+        "parquet": ["pyarrow"],  # make_shards.py --input listing.parquet (img2dataset's input format)
         "gpu": ["ninja"],  # flash-attn and NVIDIA apex are optional: install them by hand
     },
     ext_modules=ext_modules,

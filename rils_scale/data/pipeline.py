@@ -32,6 +32,7 @@ Why these choices:
 from __future__ import annotations
 
 import atexit
+import json
 import random
 import time
 import weakref
@@ -39,6 +40,7 @@ from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
@@ -274,24 +276,29 @@ def _batch_stream(spec: StreamSpec, stream: int) -> Iterator[dict]:
     to_drop = 0 if spec.states is not None else batches_before(spec.start_batch, stream, spec.streams_per_rank)
     skipped: Counter = Counter()
     source = _Stream(spec, stream, StreamState.from_json(saved) if saved else None, skipped)
-    images, captions, keys = [], [], []
+    # Transformed crops are written straight into the batch array (torch.stack of uint8 crops
+    # measured 2.4 ms per 224 px sample here); the position travels as one JSON string (the
+    # DataLoader walks nested lists element by element).
+    images = np.empty((spec.batch_size, spec.image_size, spec.image_size, 3), dtype=np.uint8)
+    captions, keys = [], []
     for epoch, (key, image_bytes, caption, _, _) in source.samples():
         try:
-            image = transform(image_bytes, random.Random(sample_seed("augment", spec.seed, epoch, key)))
+            transform(image_bytes, random.Random(sample_seed("augment", spec.seed, epoch, key)), out=images[len(keys)])
         except BadSample as bad:
             skipped[bad.reason] += 1
             continue
         source.valid()
-        images.append(image), captions.append(caption), keys.append(key)
-        if len(images) < spec.batch_size:
+        captions.append(caption), keys.append(key)
+        if len(keys) < spec.batch_size:
             continue
         if to_drop > 0:  # replay: this batch was consumed before the checkpoint
             to_drop -= 1
         else:
-            yield {"images": torch.stack(images), "token_ids": spec.tokenizer(captions, spec.context_length),
+            yield {"images": torch.from_numpy(images), "token_ids": spec.tokenizer(captions, spec.context_length),
                    "keys": keys, "skipped": dict(skipped), "data_epoch": epoch,
-                   "stream_state": {"stream": stream, "state": asdict(source.snapshot())}}
-        images, captions, keys = [], [], []
+                   "stream_state": json.dumps({"stream": stream, "state": asdict(source.snapshot())})}
+            images = np.empty_like(images)
+        captions, keys = [], []
         skipped.clear()
 
 
@@ -371,6 +378,7 @@ class TimedLoader:
         self.skipped_total.update(batch.get("skipped", {}))
         position = batch.pop("stream_state", None)
         if position is not None:
+            position = json.loads(position)
             self._states[position["stream"]] = position["state"]
         return batch
 

@@ -112,7 +112,8 @@ class CropResize:
     def __init__(self, image_size: int, scale=(0.5, 1.0), ratio=(3 / 4, 4 / 3), draft: bool = True):
         self.image_size, self.scale, self.ratio, self.draft = image_size, scale, ratio, draft
 
-    def __call__(self, data: bytes, rng: random.Random | None = None) -> torch.Tensor:
+    def __call__(self, data: bytes, rng: random.Random | None = None, out=None) -> torch.Tensor:
+        """``out``: an optional uint8 numpy ``[S, S, 3]`` view (a row of the batch) to write into."""
         import numpy as np
         from .decode import load_rgb, open_image
         rng = rng if rng is not None else random.Random()
@@ -129,8 +130,11 @@ class CropResize:
             image = load_rgb(image)
             sx, sy = image.width / width, image.height / height
             box = (left * sx, top * sy, (left + w) * sx, (top + h) * sy)
-            out = image.resize((size, size), Image.BICUBIC, box=box)
-        return torch.from_numpy(np.asarray(out, dtype=np.uint8).copy())
+            resized = image.resize((size, size), Image.BICUBIC, box=box)
+        if out is None:
+            return torch.from_numpy(np.asarray(resized, dtype=np.uint8).copy())
+        out[...] = np.asarray(resized, dtype=np.uint8)
+        return out
 
     def __repr__(self):
         return f"CropResize(image_size={self.image_size}, scale={self.scale}, ratio={self.ratio}, draft={self.draft})"

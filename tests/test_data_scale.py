@@ -267,18 +267,21 @@ def test_hostile_members_are_skipped_unread_or_capped_with_bounded_memory(tmp_pa
 
 
 def test_big_images_are_transformed_at_once_so_a_stream_holds_no_full_size_image(tmp_path, tokenizer):
+    Image.new("RGB", (600, 600), (1, 2, 3)).save(tmp_path / "warm.png")
     with ShardWriter(tmp_path, 100) as writer:
-        for i in range(6):  # 6 x 6.25 Mpx single-colour PNGs (a few KB each); decoded RGB 18.75 MB each
-            writer.write(Image.new("RGB", (2500, 2500), (i * 30, 0, 0)), f"red {i}", ext="png")
+        for i in range(12):  # 12 x 3.24 Mpx single-colour PNGs (a few KB each); decoded RGB 9.7 MB each
+            writer.write(Image.new("RGB", (1800, 1800), (i * 20, 0, 0)), f"red {i}", ext="png")
     child = textwrap.dedent(f"""
         import json
         def peak_mb():
             return int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]) / 1024
         from rils_scale.data import Tokenizer, build_train_loader
         tok = Tokenizer.load({str(tokenizer_path(tokenizer, tmp_path))!r})
-        loader = build_train_loader({str(tmp_path)!r}, tok, image_size=32, context_length=12, batch_size=6,
+        loader = build_train_loader({str(tmp_path)!r}, tok, image_size=32, context_length=12, batch_size=12,
                                     dp_rank=0, dp_size=1, num_workers=0, seed=0, shuffle_buffer=0)
-        base = peak_mb()
+        from rils_scale.data.transforms import CropResize
+        CropResize(32)({str(tmp_path / "warm.png")!r} and open({str(tmp_path / "warm.png")!r}, "rb").read())
+        base = peak_mb()  # after torch's first resize (its code pages and buffers)
         batch = next(loader)
         print(json.dumps({{"grew_mb": peak_mb() - base, "n": len(batch["keys"])}}))
     """)
@@ -286,8 +289,8 @@ def test_big_images_are_transformed_at_once_so_a_stream_holds_no_full_size_image
                          env={**os.environ, "PYTHONPATH": REPO})
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)
-    # holding the batch's full-size decodes (as before) would be 6 x 18.75 = 112 MB
-    assert result["n"] == 6 and result["grew_mb"] < 2 * 18.75 + 30, result
+    # holding the batch's full-size decodes (as before) would be 12 x 9.7 = 117 MB
+    assert result["n"] == 12 and result["grew_mb"] < 4 * 9.7 + 16, result
 
 
 def tokenizer_path(tokenizer, tmp_path):
@@ -351,3 +354,22 @@ def test_a_raising_rank_ends_the_job_with_its_error(tmp_path, tokenizer):
     assert out.returncode != 0
     assert "rank 1 broke on purpose" in out.stdout + out.stderr
     assert time.perf_counter() - start < 180
+
+
+def test_make_shards_reads_file_urls_and_explains_missing_pyarrow(tmp_path):
+    image = tmp_path / "cat.jpg"
+    _image(0, 32).save(image)
+    listing = tmp_path / "listing.csv"
+    listing.write_text(f"url,caption\nfile://{image},a cat\n")
+    run = lambda *args: subprocess.run([sys.executable, os.path.join(REPO, "launchers", "make_shards.py"), *args],
+                                       capture_output=True, text=True, env={**os.environ, "PYTHONPATH": REPO})
+    out = run("--input", str(listing), "--image-column", "url", "--output", str(tmp_path / "out"))
+    assert out.returncode == 0, out.stderr
+    assert [s["__key__"] for s in iter_tar_samples(str(tmp_path / "out" / "00000.tar"), print)] == ["000000000"]
+    (tmp_path / "l.parquet").write_bytes(b"PAR1")
+    out = run("--input", str(tmp_path / "l.parquet"), "--output", str(tmp_path / "out2"))
+    try:
+        import pyarrow  # noqa: F401
+        assert out.returncode != 0 and "parquet" in out.stderr
+    except ImportError:
+        assert out.returncode == 2 and "pyarrow" in out.stderr

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import random
+import warnings
 
 import torch
 from PIL import Image
@@ -132,7 +133,9 @@ class CropResize:
                     image.draft("RGB", (-(-width // reduce), -(-height // reduce)))
             image = load_rgb(image)
             sx, sy = image.width / width, image.height / height
-            pixels = torch.from_numpy(np.array(image, dtype=np.uint8))  # [H, W, 3]
+            with warnings.catch_warnings():  # a read-only view of PIL's bytes (one copy, not two); never written
+                warnings.simplefilter("ignore", UserWarning)
+                pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8))  # [H, W, 3]
         top, left = int(round(top * sy)), int(round(left * sx))
         h, w = max(1, int(round(h * sy))), max(1, int(round(w * sx)))
         crop = pixels[top:top + h, left:left + w].permute(2, 0, 1)  # channels-last strides: torch's uint8 path

@@ -15,8 +15,9 @@ data). ``plan_resume`` turns the saved states into the resumed streams' start st
   The order is not the uninterrupted run's (it cannot be: the streams differ).
 * ``new-epoch``: the shard list or seed changed, the layout changed on ``--resampled`` data,
   or nothing of ``E`` remains: every stream starts epoch ``max saved epoch + 1``.
-* ``replay``: no loader state (a checkpoint written before this existed): each stream replays
-  and drops its first batches (cost O(steps)).
+* ``replay``: no loader state (a checkpoint written before this existed), or one whose
+  ``batches_consumed`` is not the checkpoint's: each stream replays and drops its first
+  batches (cost O(steps)).
 """
 from __future__ import annotations
 
@@ -102,6 +103,8 @@ def plan_resume(saved: dict[int, dict] | None, *, urls: Sequence[str], counts: S
         return ResumePlan("fresh" if start_batch == 0 else "replay", epoch, None if start_batch else
                           (None,) * num_workers)
     any_state = next(v for v in saved.values() if "lazy" not in v)
+    if any_state["batches_consumed"] != start_batch:  # not written with this checkpoint's step
+        return ResumePlan("replay", epoch, None)
     saved_dp, saved_workers = any_state["dp_size"], any_state["num_workers"]
     same_data = any_state["shards"] == shard_list_digest(urls) and any_state["seed"] == seed \
         and any_state.get("resampled", False) == resampled

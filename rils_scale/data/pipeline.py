@@ -355,6 +355,7 @@ class TimedLoader:
         self.batches_consumed = start_batch
         self.skipped_total: Counter = Counter()
         self.spec = spec
+        self.resume_mode = "fresh"  # set by build_train_loader (loader_state.plan_resume)
         streams = spec.streams_per_rank if spec is not None else 1
         if spec is not None and spec.states is not None:
             self._states = [s if s is not None else asdict(StreamState(epoch=spec.epoch)) for s in spec.states]
@@ -498,11 +499,15 @@ def _worker_init(worker_id: int) -> None:
     import signal
     import sys
     if sys.platform.startswith("linux"):
+        import os
+        parent = os.getppid()
         try:
             import ctypes
             ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
         except (OSError, AttributeError):
             pass
+        if os.getppid() != parent:  # the rank died before the call above took effect
+            os._exit(1)
     signal.signal(signal.SIGTERM, lambda *_: signal.alarm(WORKER_SIGTERM_GRACE_S))
     signal.signal(signal.SIGALRM, signal.SIG_DFL)
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)

@@ -297,6 +297,8 @@ class Trainer:
         logger = MetricsLogger(cfg.output_dir, self.is_main, cfg.max_steps, resume=cfg.resume)
         stop = StopRequest()
         self.loader = self._loader()
+        if self.is_main and self.step:
+            print(f"[rils_scale] data resume: {self.loader.resume_mode}", flush=True)
         try:
             self._run_loop(logger, stop, iter(self.loader))
         finally:  # a raising step must not leave workers that block this rank's exit

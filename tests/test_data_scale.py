@@ -373,3 +373,12 @@ def test_make_shards_reads_file_urls_and_explains_missing_pyarrow(tmp_path):
         assert out.returncode != 0 and "parquet" in out.stderr
     except ImportError:
         assert out.returncode == 2 and "pyarrow" in out.stderr
+
+
+def test_prepare_images_matches_the_float_transform_normalisation():
+    from torchvision.transforms import functional as TF
+    from rils_scale.data.transforms import CLIP_MEAN, CLIP_STD, prepare_images
+    pil = _image(3, 8)
+    expected = TF.normalize(TF.to_tensor(pil), CLIP_MEAN, CLIP_STD)
+    got = prepare_images(torch.from_numpy(np.asarray(pil).copy())[None], "cpu", torch.float32)[0]
+    assert got.shape == (3, 8, 8) and torch.allclose(got, expected, atol=1e-6)

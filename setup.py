@@ -54,7 +54,8 @@ setup(
     extras_require={
         # OpenCLIP / CLIP_benchmark / transformers interop (exports and their tests); the trainer never imports them
         "interop": INTEROP,
-        "dev": ["pytest>=8"] + INTEROP,
+        "dev": ["pytest>=8", "pyarrow"] + INTEROP,  # pyarrow: the parquet listing tests
+        "parquet": ["pyarrow"],  # make_shards.py --input listing.parquet (img2dataset's input format)
         "gpu": ["ninja"],  # flash-attn and NVIDIA apex are optional: install them by hand
     },
     ext_modules=ext_modules,

@@ -42,7 +42,9 @@ STORE_AS_IS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--input", help="listing file: .csv, .tsv or .jsonl with image and caption columns")
+    source.add_argument("--input", help="listing file: .csv, .tsv, .jsonl or .parquet (img2dataset's input "
+                                         "format; needs pyarrow: pip install '.[parquet]') with image and caption "
+                                         "columns; image paths may be file:// URLs")
     source.add_argument("--builtin", nargs="?", const="scenes", choices=("scenes", "shapes", "digits"),
                         help="write a built-in dataset: scenes (2-3 objects per image, captions naming them, "
                              "per-object masks; the demo's, and the default when no name is given), shapes "
@@ -50,10 +52,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "handwritten digits, captioned); also writes classes.json for evaluation")
     parser.add_argument("--output", required=True, help="output directory (must not already hold shards)")
     parser.add_argument("--shard-size", type=int, default=None,
-                        help="samples per shard (default: 10000 for a listing, 256 for --builtin)")
+                        help="samples per shard (default: 10000 for a listing, 500 for --builtin scenes and shapes, "
+                             "256 for --builtin digits)")
     parser.add_argument("--image-column", default="image", help="listing column with the image path")
     parser.add_argument("--caption-column", default="caption", help="listing column with the caption")
-    parser.add_argument("--format", choices=("csv", "tsv", "jsonl"), default=None,
+    parser.add_argument("--format", choices=("csv", "tsv", "jsonl", "parquet"), default=None,
                         help="listing format (default: from the file extension)")
     parser.add_argument("--strict", action="store_true", help="exit 1 if any row was skipped")
     parser.add_argument("--layout", choices=("laion", "clip_benchmark"), default="laion",
@@ -77,9 +80,24 @@ class ListingError(ValueError):
 
 
 def read_listing(path: Path, fmt: str | None, image_column: str, caption_column: str) -> list[dict]:
-    fmt = fmt or {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl"}.get(path.suffix.lower())
+    fmt = fmt or {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl",
+                  ".parquet": "parquet"}.get(path.suffix.lower())
     if fmt is None:
-        raise ListingError(f"cannot tell the format of {path.name}; use --format csv|tsv|jsonl")
+        raise ListingError(f"cannot tell the format of {path.name}; use --format csv|tsv|jsonl|parquet")
+    if fmt == "parquet":
+        rows, columns = _read_parquet(path)
+    else:
+        rows, columns = _read_text_listing(path, fmt)
+    missing = [c for c in (image_column, caption_column) if c not in columns]
+    if missing:
+        raise ListingError(f"{path.name} has no column(s) {missing}; found {sorted(columns)}. "
+                           "Use --image-column / --caption-column")
+    if not rows:
+        raise ListingError(f"{path.name} lists no samples")
+    return rows
+
+
+def _read_text_listing(path: Path, fmt: str) -> tuple[list[dict], set]:
     with open(path, encoding="utf-8", newline="") as f:
         if fmt == "jsonl":
             rows = []
@@ -94,13 +112,20 @@ def read_listing(path: Path, fmt: str | None, image_column: str, caption_column:
             reader = csv.DictReader(f, delimiter="\t" if fmt == "tsv" else ",")
             rows = list(reader)
             columns = set(reader.fieldnames or ())
-    missing = [c for c in (image_column, caption_column) if c not in columns]
-    if missing:
-        raise ListingError(f"{path.name} has no column(s) {missing}; found {sorted(columns)}. "
-                           "Use --image-column / --caption-column")
-    if not rows:
-        raise ListingError(f"{path.name} lists no samples")
-    return rows
+    return rows, columns
+
+
+def _read_parquet(path: Path) -> tuple[list[dict], set]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ListingError("reading a .parquet listing needs pyarrow: pip install 'rils_scale[parquet]' "
+                           "(or pyarrow), or convert the listing to csv/jsonl") from None
+    try:
+        table = pq.read_table(path)
+    except Exception as err:  # pyarrow raises ArrowInvalid and friends on a bad file
+        raise ListingError(f"{path.name}: unreadable parquet ({err})") from None
+    return table.to_pylist(), set(table.column_names)
 
 
 def load_image_for_shard(path: Path) -> tuple[bytes, str]:
@@ -128,7 +153,8 @@ def write_from_listing(args) -> tuple[dict, Counter, list[str]]:
     with ShardWriter(args.output, args.shard_size or 10000) as writer:
         for row_no, row in enumerate(rows, 1):
             caption = " ".join(str(row.get(args.caption_column) or "").split())
-            image_path = Path(str(row.get(args.image_column) or ""))
+            image_ref = str(row.get(args.image_column) or "")
+            image_path = Path(image_ref[len("file://"):] if image_ref.startswith("file://") else image_ref)
             if not caption:
                 skipped["empty_caption"] += 1
                 examples.append(f"row {row_no}: empty caption")

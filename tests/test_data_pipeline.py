@@ -143,7 +143,7 @@ def test_train_loader_skips_and_counts_every_bad_case(bad_shards, tokenizer):
     assert sorted(b["keys"][0] for b in epoch0) == sorted(expected_keys)
     assert sum((Counter(b["skipped"]) for b in epoch0), Counter()) == Counter(expected_counts)
     batch = epoch0[0]
-    assert batch["images"].dtype == torch.float32 and batch["images"].shape == (1, 3, IMAGE_SIZE, IMAGE_SIZE)
+    assert batch["images"].dtype == torch.uint8 and batch["images"].shape == (1, IMAGE_SIZE, IMAGE_SIZE, 3)
     assert batch["token_ids"].dtype == torch.int64 and batch["token_ids"].shape == (1, CONTEXT)
     assert not os.path.exists(trap)
     assert loader.last_wait_s >= 0 and loader.batches_consumed == len(epoch0) + 1

@@ -85,7 +85,9 @@ def test_zero3_two_ranks_train_log_checkpoint_and_resume_exactly(data, tmp_path)
         assert all(isinstance(r[key], float) for r in rows), key
     # bad samples were skipped and counted (summed over the 2 DP ranks), not fatal
     last = rows[-1]
-    assert last["skipped/corrupt_image"] == 1 and last["skipped/empty_caption"] == 1 \
+    # (captions are checked when read; the corrupt image only when the shuffle buffer emits it,
+    # which depends on the shuffle order: it may still be buffered after 6 steps)
+    assert last.get("skipped/corrupt_image", 0) <= 1 and last["skipped/empty_caption"] == 1 \
         and last["skipped/bad_utf8"] == 1, last
     assert "step 6/6" in log and "stopped at step 6: finished" in log
     ckpt = full / "checkpoints" / "global_step6"
@@ -115,7 +117,7 @@ def test_zero3_two_ranks_train_log_checkpoint_and_resume_exactly(data, tmp_path)
     log = _pretrain(data, part, "--max-steps", "6", "--save-every", "100", "--exit-after-steps", "3")
     assert "stopped at step 3: --exit-after-steps 3" in log
     log = _pretrain(data, part, "--max-steps", "6", "--save-every", "100", "--resume")
-    assert "resumed from" in log
+    assert "resumed from" in log and "data resume: exact" in log  # loader state, no replay
     resumed = _metrics(part)
     assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]
     # Bitwise equal in practice: same data position, masks seeded per micro-step, augmentation

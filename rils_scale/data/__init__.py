@@ -6,7 +6,9 @@ Modules, one concern each:
     tokenizer_training  train the SentencePiece model (no torch import)
     tokenizer           the [sot, tokens, eot, pad] encoder used by loaders and model
     decode              safe member decoding (images, text, JSON; never pickle), skip reasons
-    sources             shard URL expansion and the fault-tolerant tar sample reader
+    sources             shard URL expansion and the fault-tolerant, seekable tar sample reader
+    dealing             which shards each stream reads (balanced by img2dataset sample counts)
+    loader_state        the loader's state in checkpoints and the resume plan
     seeding             process-independent seeds
     transforms          train / eval image transforms with per-sample seeded augmentation
     pipeline            the training and evaluation loaders
@@ -22,6 +24,8 @@ _EXPORTS = {
     "ShardWriter": "shards", "encode_image": "shards",
     "expand_urls": "sources", "iter_tar_samples": "sources",
     "Tokenizer": "tokenizer", "train_tokenizer": "tokenizer_training",
+    "validate_train_data": "pipeline", "read_loader_states": "loader_state",
+    "write_loader_state": "loader_state", "prepare_images": "transforms", "CropResize": "transforms",
     "CLIP_MEAN": "transforms", "CLIP_STD": "transforms", "eval_transform": "transforms",
     "train_transform": "transforms",
 }

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ..data.transforms import prepare_images
 from ..models import get_config
 from ..objectives import LossConfig, RILSLoss
 from ..parallel import ParallelDims, init_parallel_state
@@ -86,7 +87,9 @@ class Trainer:
         self.resume_point: Optional[checkpointing.ResumePoint] = None  # .path: the resumed tag directory
         # Per-rank hook ``fn(tag_dir)`` writing extra files into a checkpoint before it is marked
         # complete (e.g. the loader state of each DP rank).
-        self.write_checkpoint_extra = None
+        self.write_checkpoint_extra = self._write_loader_state
+        self.loader_resume = None  # saved loader state (data/loader_state.py), set by maybe_resume
+        self.loader = None
         self.flops_per_step = self._flops_per_step()
 
     # ------------------------------------------------------------------ set-up helpers
@@ -134,7 +137,7 @@ class Trainer:
             context_length=self.model_cfg.text.context_length, batch_size=self.micro_batch,
             dp_rank=self.state.dp_rank, dp_size=self.state.dp_size, num_workers=self.cfg.num_workers,
             seed=self.cfg.seed, shuffle_buffer=self.cfg.shuffle_buffer, resampled=self.cfg.resampled,
-            start_batch=self.batches_consumed)
+            start_batch=self.batches_consumed, resume=self.loader_resume)
 
     def _write_run_config(self) -> None:
         if not self.is_main:
@@ -159,6 +162,11 @@ class Trainer:
             "model_config": self.model_cfg.to_dict(), "tensor_parallel": self.state.tp_size,
         }, write_extra=self.write_checkpoint_extra)
 
+    def _write_loader_state(self, tag_dir: str) -> None:
+        if self.state.tp_rank == 0 and self.loader is not None:  # TP peers read the same data
+            from ..data.loader_state import write_loader_state
+            write_loader_state(tag_dir, self.loader.state_dict())
+
     def maybe_resume(self) -> None:
         if not self.cfg.resume:
             return
@@ -177,6 +185,8 @@ class Trainer:
         self.batches_consumed = int(client["batches_consumed"])
         self.skipped_before_resume = dict(client.get("skipped", {}))
         self.guard.total = int(client.get("nonfinite_steps", 0))
+        from ..data.loader_state import read_loader_states
+        self.loader_resume = read_loader_states(point.path, self.state.dp_rank)  # None: replay
         if self.is_main:
             print(f"[rils_scale] resumed from {point.path} at step {self.step}", flush=True)
 
@@ -198,7 +208,7 @@ class Trainer:
                 batch = next(batches)
             wait += time.perf_counter() - t0
             merge_skips(self.skipped, batch.get("skipped"))
-            images = batch["images"].to(self.device, self.dtype, non_blocking=True)
+            images = prepare_images(batch["images"], self.device, self.dtype)
             token_ids = batch["token_ids"].to(self.device, non_blocking=True)
             out = self.engine(images, token_ids, mask_generator=mask_generator(
                 self.cfg.seed, self.state.dp_rank, self.batches_consumed),
@@ -236,7 +246,16 @@ class Trainer:
         logger = MetricsLogger(cfg.output_dir, self.is_main, cfg.max_steps, resume=cfg.resume)
         stop = StopRequest()
         LauncherWatch(stop)
-        batches = iter(self._loader())
+        self.loader = self._loader()
+        if self.is_main and self.step:
+            print(f"[rils_scale] data resume: {self.loader.resume_mode}", flush=True)
+        try:
+            self._run_loop(logger, stop, iter(self.loader))
+        finally:  # a raising step must not leave workers that block this rank's exit
+            self.loader.close()
+
+    def _run_loop(self, logger: MetricsLogger, stop: StopRequest, batches) -> None:
+        cfg = self.cfg
         steps_this_run, window_start, window_steps = 0, time.perf_counter(), 0
         if self.is_main:
             print(f"[rils_scale] model {cfg.model}: world {self.world} = DP {self.state.dp_size} x TP "

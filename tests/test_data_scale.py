@@ -382,3 +382,22 @@ def test_prepare_images_matches_the_float_transform_normalisation():
     expected = TF.normalize(TF.to_tensor(pil), CLIP_MEAN, CLIP_STD)
     got = prepare_images(torch.from_numpy(np.asarray(pil).copy())[None], "cpu", torch.float32)[0]
     assert got.shape == (3, 8, 8) and torch.allclose(got, expected, atol=1e-6)
+
+
+def test_make_shards_reads_an_img2dataset_parquet_listing(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+    paths = []
+    for i in range(3):
+        paths.append(tmp_path / f"img{i}.jpg")
+        _image(i, 32).save(paths[-1])
+    table = pa.table({"url": [f"file://{p}" for p in paths] + [str(tmp_path / "missing.jpg")],
+                      "caption": ["a red cat", "a blue dog", "a green bird", "gone"]})
+    pq.write_table(table, tmp_path / "listing.parquet")
+    out = subprocess.run([sys.executable, os.path.join(REPO, "launchers", "make_shards.py"), "--input",
+                          str(tmp_path / "listing.parquet"), "--image-column", "url", "--output", str(tmp_path / "out")],
+                         capture_output=True, text=True, env={**os.environ, "PYTHONPATH": REPO})
+    assert out.returncode == 0, out.stderr
+    samples = list(iter_tar_samples(str(tmp_path / "out" / "00000.tar"), print))
+    assert [s["txt"].decode() for s in samples] == ["a red cat", "a blue dog", "a green bird"]
+    assert "skipped 1: {'missing_file': 1}" in out.stdout  # the missing image is skipped and counted

@@ -64,3 +64,16 @@ def test_timm_kwargs_semantics():
     kw = timm_model_kwargs(get_config("vit_g14"))
     assert kw["global_pool"] == "avg" and kw["fc_norm"] is False and kw["class_token"] is True
     assert int(kw["embed_dim"] * kw["mlp_ratio"]) == get_config("vit_g14").vision.mlp_hidden
+
+
+def test_fsync_tree_skips_a_peer_temporary_file_renamed_meanwhile(tmp_path, monkeypatch):
+    """Ranks fsync the tag while peers still write: a ``*.tmp<pid>`` listed then renamed is no error."""
+    import os
+    from rils_scale.checkpoint import integrity
+    (tmp_path / "kept.bin").write_bytes(b"x")
+    real_walk = os.walk
+    monkeypatch.setattr(integrity.os, "walk", lambda d: [(r, s, f + ["gone.json.tmp123"]) for r, s, f in real_walk(d)])
+    integrity.fsync_tree(str(tmp_path))  # raised FileNotFoundError before
+    monkeypatch.setattr(integrity, "fsync_path", lambda p: (_ for _ in ()).throw(PermissionError(p)))
+    with pytest.raises(PermissionError):  # other failures still surface
+        integrity.fsync_tree(str(tmp_path))

@@ -51,10 +51,17 @@ def fsync_path(path: str) -> None:
 
 
 def fsync_tree(directory: str) -> None:
-    """fsync every file of ``directory`` and the directory itself (data on disk before the marker)."""
+    """fsync every file of ``directory`` and the directory itself (data on disk before the marker).
+
+    Ranks call this while their peers still write into the same tag: a peer's temporary file
+    (``*.tmp<pid>``) may be renamed between listing and opening; its writer fsyncs it, so a
+    file that vanished is skipped, not an error."""
     for root, _, files in os.walk(directory):
         for name in files:
-            fsync_path(os.path.join(root, name))
+            try:
+                fsync_path(os.path.join(root, name))
+            except FileNotFoundError:
+                pass
         fsync_path(root)
 
 

@@ -48,6 +48,8 @@ def write_loader_state(tag_dir: str, state: dict | None) -> str | None:
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
         json.dump(state, f, separators=(",", ":"))
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
     return path
 

@@ -16,15 +16,12 @@ from __future__ import annotations
 
 import os
 import random
-from pathlib import Path
 from typing import Dict, List
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .scenes import BACKGROUNDS, COLOURS, SHAPES, _draw, class_names, zero_shot_templates
-from .seeding import sample_seed
-from .shards import ShardWriter
+from .scenes import BACKGROUNDS, COLOURS, SHAPES, _draw, class_names, write_rendered_splits, zero_shot_templates
 
 _JOINERS = (" and ", ", ", " next to ", " with ")
 _CAPTIONS = ("{objs}", "{objs} on a {b} background", "a picture of {objs}", "there is {objs}",
@@ -108,13 +105,6 @@ def render_multi_scene(rng: random.Random, image_size: int = 32):
 def write_multi_scenes_dataset(out_dir: str | os.PathLike, image_size: int = 32, num_train: int = 4000,
                                num_heldout: int = 600, shard_size: int = 500, seed: int = 0) -> dict:
     """Write ``out_dir/train`` and ``out_dir/heldout`` shards; deterministic in the arguments."""
-    out_dir = Path(out_dir)
     result = {"image_size": image_size, "class_names": class_names(), "seed": seed, "dataset": "scenes"}
-    for split, count in (("train", num_train), ("heldout", num_heldout)):
-        rng = random.Random(sample_seed("multi_scenes", seed, split))
-        with ShardWriter(out_dir / split, shard_size) as writer:
-            for _ in range(count):
-                image, caption, meta = render_multi_scene(rng, image_size)
-                writer.write(image, caption, meta, ext="png")
-        result[split] = {"dir": str(out_dir / split), "shards": writer.shard_paths, "count": writer.count}
-    return result
+    return write_rendered_splits(out_dir, result, render_multi_scene, "multi_scenes", seed, image_size,
+                                 {"train": num_train, "heldout": num_heldout}, shard_size)

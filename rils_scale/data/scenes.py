@@ -99,13 +99,21 @@ def write_scenes_dataset(out_dir: str | os.PathLike, image_size: int = 32, num_t
     Held-out scenes come from a different random stream than train; the same arguments always
     give the same shards.
     """
-    out_dir = Path(out_dir)
     result = {"image_size": image_size, "class_names": class_names(), "seed": seed, "dataset": "shapes"}
-    for split, count in (("train", num_train), ("heldout", num_heldout)):
-        rng = random.Random(sample_seed("scenes", seed, split))
+    return write_rendered_splits(out_dir, result, render_scene, "scenes", seed, image_size,
+                                 {"train": num_train, "heldout": num_heldout}, shard_size)
+
+
+def write_rendered_splits(out_dir, result: dict, render, stream: str, seed: int, image_size: int,
+                          counts: dict, shard_size: int) -> dict:
+    """Shards of ``render(rng, image_size) -> (image, caption, meta)`` per split, each split from
+    its own seeded random stream; fills ``result[split]`` and returns ``result``."""
+    out_dir = Path(out_dir)
+    for split, count in counts.items():
+        rng = random.Random(sample_seed(stream, seed, split))
         with ShardWriter(out_dir / split, shard_size) as writer:
             for _ in range(count):
-                image, caption, meta = render_scene(rng, image_size)
+                image, caption, meta = render(rng, image_size)
                 writer.write(image, caption, meta, ext="png")
         result[split] = {"dir": str(out_dir / split), "shards": writer.shard_paths, "count": writer.count}
     return result

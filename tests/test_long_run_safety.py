@@ -175,8 +175,20 @@ def test_every_checkpoint_reader_refuses_a_payload(tmp_path):
 def test_preflight_reports_bad_inputs_before_the_engine(tmp_path):
     from rils_scale.train.preflight import PreflightError, check_resume_vocabulary, check_shards
     (tmp_path / "empty.tar").write_bytes(b"")
-    with pytest.raises(PreflightError, match="empty shard"):
+    with pytest.raises(PreflightError, match="every shard is empty"):
         check_shards(str(tmp_path / "empty.tar"))
+    import tarfile
+    with tarfile.open(tmp_path / "empty-img2dataset.tar", "w"):
+        pass  # img2dataset's shard when every row failed: allowed beside others, counted by the loader
+    from rils_scale.data import ShardWriter
+    from PIL import Image
+    with ShardWriter(tmp_path / "ok", 4) as writer:
+        for i in range(8):
+            writer.write(Image.new("RGB", (8, 8), (i, 0, 0)), f"caption {i}", ext="png")
+    urls = [str(tmp_path / "empty-img2dataset.tar")] + writer.shard_paths
+    assert check_shards(urls, dp_size=1, num_workers=2, announce=False) == urls
+    with pytest.raises(PreflightError, match="--train-data"):  # 2 samples-bearing shards cannot feed 4 streams
+        check_shards(urls, dp_size=2, num_workers=2, announce=False)
     with pytest.raises(PreflightError, match="not found"):
         check_shards(str(tmp_path / "missing-{000..001}.tar"))
     (tmp_path / "config.json").write_text(json.dumps({"model": {"text": {"vocab_size": 128}}}))

@@ -115,7 +115,8 @@ class Trainer:
     def _preflight(self) -> None:
         """Bad shards and a tokenizer that does not fit the checkpoint: before any engine."""
         from .preflight import check_resume_vocabulary, check_shards
-        check_shards(self.cfg.train_data)
+        check_shards(self.cfg.train_data, dp_size=self.world // max(1, self.cfg.tensor_parallel),
+                     num_workers=self.cfg.num_workers, resampled=self.cfg.resampled, announce=self.is_main)
         if self.cfg.resume:
             check_resume_vocabulary(self.cfg.output_dir, self.tokenizer.vocab_size, self.cfg.tokenizer)
 

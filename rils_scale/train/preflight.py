@@ -12,33 +12,42 @@ class PreflightError(SystemExit):
     """A clear, non-zero exit before any compute."""
 
 
-def check_shards(train_data) -> List[str]:
-    """Expand ``--train-data``; every local shard must exist, be non-empty and hold a member."""
-    from ..data.sources import check_local_shards_exist, expand_urls
+def check_shards(train_data, *, dp_size: int = 1, num_workers: int = 1, resampled: bool = False,
+                 announce: bool = True) -> List[str]:
+    """Expand ``--train-data`` and check, before any engine, that it can feed every stream.
+
+    Missing local shards, a list with no sample at all, and a list that cannot feed
+    ``dp_size x num_workers`` streams are errors. Some empty shards are not: img2dataset writes
+    a legitimately empty tar when every row of a shard failed, and the loader skips it and counts
+    ``empty_shard``; they are announced here.
+    """
+    from ..data.pipeline import validate_train_data
     try:
-        urls = expand_urls(train_data)
-        check_local_shards_exist(urls)
+        urls = validate_train_data(train_data, dp_size=dp_size, num_workers=max(1, num_workers),
+                                   resampled=resampled)
     except (FileNotFoundError, ValueError) as err:
         raise PreflightError(f"--train-data: {err}") from None
     if not urls:
         raise PreflightError(f"--train-data {train_data!r} names no shard")
-    empty = []
-    for url in urls:
-        if url.startswith("pipe:") or "://" in url:
-            continue  # remote: read lazily; the loader counts what it cannot read
-        if os.path.getsize(url) == 0:
-            empty.append(url)
-            continue
-        try:
-            with tarfile.open(url) as tar:
-                if tar.next() is None:
-                    empty.append(url)
-        except tarfile.TarError:
-            pass  # a corrupt shard is the loader's business: skipped and counted, not fatal
-    if empty:
+    local = [u for u in urls if not (u.startswith("pipe:") or "://" in u)]  # remote: read lazily
+    empty = [u for u in local if _is_empty_shard(u)]
+    if empty and len(empty) == len(urls):
         more = f" (and {len(empty) - 3} more)" if len(empty) > 3 else ""
-        raise PreflightError(f"--train-data: empty shard files (no sample): {', '.join(empty[:3])}{more}")
+        raise PreflightError(f"--train-data: every shard is empty (no sample): {', '.join(empty[:3])}{more}")
+    if empty and announce:
+        print(f"[rils_scale] --train-data: {len(empty)} of {len(urls)} shards are empty; they are skipped "
+              "and counted as empty_shard", flush=True)
     return urls
+
+
+def _is_empty_shard(url: str) -> bool:
+    if os.path.getsize(url) == 0:
+        return True
+    try:
+        with tarfile.open(url) as tar:
+            return tar.next() is None
+    except tarfile.TarError:
+        return False  # a corrupt shard is the loader's business: skipped and counted, not fatal
 
 
 def check_resume_vocabulary(output_dir: str, vocab_size: int, tokenizer_path: str) -> None:

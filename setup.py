@@ -31,7 +31,7 @@ if os.environ.get("RILS_BUILD_CUDA_EXT", "0") == "1":
     cmdclass = {"build_ext": BuildExtension}
 
 INTEROP = ["open_clip_torch>=3.0,<4", "transformers>=4.40", "tokenizers>=0.19", "clip_benchmark>=1.6", "ftfy",
-           "protobuf"]
+           "protobuf", "requests"]  # clip_benchmark imports requests without declaring it
 
 setup(
     name="rils_scale",

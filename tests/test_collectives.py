@@ -108,3 +108,24 @@ def test_every_step_collectives_use_the_communication_device(nccl_like):
     assert {"all_reduce", "all_gather", "broadcast"} <= kinds, nccl_like
     off_device = [entry for entry in nccl_like if entry[1] != "meta"]
     assert not off_device, f"host tensors handed to an NCCL-like collective: {off_device}"
+
+
+def test_release_cpu_shm_buffer_unlinks_only_this_ranks_file(monkeypatch, tmp_path):
+    import os
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "65001")
+    monkeypatch.setenv("RANK", "1")
+    mine = f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_65001_1"
+    peer = f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_65001_0"
+    if not os.path.isdir("/dev/shm"):
+        pytest.skip("no /dev/shm")
+    for path in (mine, peer):
+        open(path, "wb").close()
+    try:
+        assert comm.release_cpu_shm_buffer() == mine
+        assert not os.path.exists(mine) and os.path.exists(peer)
+        assert comm.release_cpu_shm_buffer() is None  # already gone: nothing to do
+    finally:
+        for path in (mine, peer):
+            if os.path.exists(path):
+                os.unlink(path)

@@ -391,3 +391,6 @@ def _run_or_exit(cfg: TrainConfig) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
+    # Only after a clean finish (every rank passed the last checkpoint barrier): a rank that
+    # failed early may leave peers still waiting to map its buffer, so failures keep it.
+    comm.release_cpu_shm_buffer()

@@ -3,13 +3,14 @@ every object, and the metric gives ~1 to a model that knows colours and exactly 
 model whose patch features carry nothing."""
 import io
 import json
-import tarfile
 
 import numpy as np
 import torch
+from PIL import Image
 
 from rils_scale.data.multi_scenes import rle_decode, rle_encode, write_multi_scenes_dataset
 from rils_scale.data.scenes import BACKGROUNDS, COLOURS
+from rils_scale.data.sources import iter_tar_samples
 from rils_scale.data.transforms import CLIP_MEAN, CLIP_STD
 from rils_scale.eval.localization import localization, patch_coverage
 
@@ -44,15 +45,11 @@ class ColourModel(torch.nn.Module):
 
 
 def _samples(split_dir):
+    """(pixels, caption, meta) of every sample, read with the project's own tar reader."""
     out = []
     for shard in sorted(split_dir.glob("*.tar")):
-        with tarfile.open(shard) as tar:
-            members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
-        for name in sorted(members):
-            if name.endswith(".json"):
-                key = name[:-5]
-                out.append((np.asarray(__import__("PIL.Image").Image.open(io.BytesIO(members[key + ".png"]))),
-                            members[key + ".txt"].decode(), json.loads(members[name])))
+        for s in iter_tar_samples(str(shard), print):
+            out.append((np.asarray(Image.open(io.BytesIO(s["png"]))), s["txt"].decode(), json.loads(s["json"])))
     return out
 
 

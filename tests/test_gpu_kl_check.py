@@ -37,6 +37,10 @@ def test_kinds_subset(tmp_path):
     assert mod.main(["--out", str(tmp_path), "--dry-run", "--kinds", "selfcheck,large"]) == 0
     kinds = [(p["kind"], p["backend"]) for p in json.loads((tmp_path / "gpu_kl_check.json").read_text())["parts"]]
     assert kinds == [(k, b) for k, b in mod.plan("cuda") if k != "speed"] and len(kinds) == 10
+    assert mod.main(["--out", str(tmp_path), "--dry-run", "--kinds", "selfcheck", "--backends", "triton,hybrid"]) == 0
+    kinds = [(p["kind"], p["backend"]) for p in json.loads((tmp_path / "gpu_kl_check.json").read_text())["parts"]]
+    assert kinds == [("selfcheck", "triton"), ("selfcheck", "hybrid")]
     import pytest
-    with pytest.raises(SystemExit):
-        mod.main(["--out", str(tmp_path), "--dry-run", "--kinds", "speed,nope"])
+    for bad in (["--kinds", "speed,nope"], ["--backends", "cuda,nope"]):
+        with pytest.raises(SystemExit):
+            mod.main(["--out", str(tmp_path), "--dry-run", *bad])

@@ -77,8 +77,9 @@ DEVICES = {"H100 80GB": 79.2, "H200 141GB": 139.8}
 # capacity planner's largest B/16 micro-batch with checkpointing (2,877 at 80 GB, 4,698 at 141 GB)
 MICRO_BATCH_BY_MEMORY = ((120.0, 2048), (70.0, 1024), (35.0, 512))
 
-REPORT_MD, REPORT_JSON, ROWS, LOG, BUNDLE = "gpu_suite.md", "gpu_suite.json", "rows.jsonl", "gpu_suite.log", "parts.tar.gz"
-PLAN_JSON = "gpu_suite_plan.json"
+# what one command leaves under --out (five files: the device returns at most eight)
+REPORT_MD, REPORT_JSON, ROWS, LOG = "gpu_suite.md", "gpu_suite.json", "rows.jsonl", "gpu_suite.log"
+BUNDLE, PLAN_JSON = "parts.tar.gz", "gpu_suite_plan.json"
 
 
 @dataclass
@@ -490,7 +491,8 @@ class RowMirror:
     (a thread, every ``interval_s``) and once more at the end, each row once, tagged with the part."""
 
     def __init__(self, rows_path: str, part: str, sources: List[RowSource], on_new=None, interval_s: float = 0.5):
-        self.rows_path, self.part, self.sources, self.on_new, self.interval_s = rows_path, part, sources, on_new, interval_s
+        self.rows_path, self.part, self.sources = rows_path, part, sources
+        self.on_new, self.interval_s = on_new, interval_s
         self.offsets: Dict[str, int] = {}
         self.done: Dict[str, set] = {}
         self.count = 0
@@ -558,7 +560,8 @@ class RowMirror:
 # ----------------------------------------------------------------------------- running
 def part_env(ctx: Context) -> dict:
     """Children import rils_scale from the repository and the carried wheels from the site dir."""
-    paths = ([ctx.site] if ctx.installed else []) + [REPO] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    inherited = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    paths = ([ctx.site] if ctx.installed else []) + [REPO] + inherited
     return {**os.environ, "PYTHONPATH": os.pathsep.join(paths), "PYTHONUNBUFFERED": "1"}
 
 
@@ -669,7 +672,8 @@ def run_suite(ctx: Context, parts: Sequence[Part], header: dict, limit_s: float 
             result = run_part(part, ctx, limit, on_rows=lambda: save(running=part.name))
             bank = max(0.0, limit - result["seconds"])
         ctx.results.append(result)
-        ctx.emit(part.name, {"kind": "part_result", **{k: result[k] for k in ("status", "seconds", "limit_s", "reason")}})
+        ctx.emit(part.name, {"kind": "part_result",
+                             **{k: result[k] for k in ("status", "seconds", "limit_s", "reason")}})
         if part.name == "env" and ctx.env_info:
             state["device"] = device_line(ctx.env_info)
         print(f"{result['status']} {part.name} ({result['seconds']} s of {result['limit_s']}, {result['rows']} rows)"
@@ -718,7 +722,8 @@ def headline(rows_by_part: Dict[str, List[dict]], state: dict) -> List[str]:
         steady = tr[1:] or tr
         sps = sorted(r["samples_per_s"] for r in steady)
         last = tr[-1]
-        lines.append(f"- **trainer** ({summary.get('model', '?')}, micro-batch = G = {summary.get('micro_batch', '?')}, "
+        lines.append(f"- **trainer** ({summary.get('model', '?')}, micro-batch = G = "
+                     f"{summary.get('micro_batch', '?')}, "
                      f"KL {summary.get('kl_backend', '?')}, checkpointing {summary.get('checkpointing', '?')}): "
                      f"{_fmt(sps[len(sps) // 2])} samples/s (median of {len(steady)} windows after the first), "
                      f"MFU {_fmt(last.get('mfu'))}, {_fmt(last.get('tflops_per_device'))} TFLOP/s per device, "
@@ -732,7 +737,8 @@ def headline(rows_by_part: Dict[str, List[dict]], state: dict) -> List[str]:
     st = [r for r in rows_by_part.get("step", []) if r.get("status") == "ok"]
     if st:
         best = max(st, key=lambda r: r.get("samples_per_s") or 0)
-        lines.append(f"- **step** (bench_step {best.get('model')}, B {best.get('micro_batch')}, G {best.get('prototypes')}): "
+        lines.append(f"- **step** (bench_step {best.get('model')}, B {best.get('micro_batch')}, "
+                     f"G {best.get('prototypes')}): "
                      f"best {best.get('attention')}/{best.get('kl')} {_fmt(best.get('samples_per_s'))} samples/s, "
                      f"MFU {_fmt(best.get('mfu'))}")
     return lines
@@ -760,13 +766,16 @@ def render_report(state: dict, rows: List[dict], parts_meta: Dict[str, Part] = N
             status = "RUNNING (or killed)" if state.get("running") == name else "not reached"
             lines.append(f"| {name} | {status} | | | {plan.get('budget_s', '')} | {len(by_part.get(name, []))} | |")
         else:
-            lines.append(f"| {name} | {p['status']} | {p.get('seconds', '')} | {p.get('limit_s', '')} | {p['budget_s']} "
+            lines.append(f"| {name} | {p['status']} | {p.get('seconds', '')} | {p.get('limit_s', '')} "
+                         f"| {p['budget_s']} "
                          f"| {len(by_part.get(name, []))} | {_fmt(p.get('reason', ''))} |")
-    order = [p["part"] for p in state.get("planned", [])] + sorted(set(by_part) - {p["part"] for p in state.get("planned", [])})
+    planned = [p["part"] for p in state.get("planned", [])]
+    order = planned + sorted(set(by_part) - set(planned))
     for name in order:
         if by_part.get(name):
             meta = parts_meta.get(name)
-            lines += ["", f"## {name} ({len(by_part[name])} rows)", ""] + _table(by_part[name], meta.columns if meta else ())
+            lines += ["", f"## {name} ({len(by_part[name])} rows)", ""]
+            lines += _table(by_part[name], meta.columns if meta else ())
     return "\n".join(lines) + "\n"
 
 
@@ -789,7 +798,8 @@ def bundle_outputs(ctx: Context, max_bytes: int = 2 << 20) -> None:
             dirs[:] = [d for d in dirs if d not in ("shapes", "checkpoints", "site")]
             for f in files:
                 full = os.path.join(root, f)
-                if f.endswith((".json", ".jsonl", ".md", ".log", ".txt", ".csv")) and os.path.getsize(full) <= max_bytes:
+                small = os.path.getsize(full) <= max_bytes
+                if f.endswith((".json", ".jsonl", ".md", ".log", ".txt", ".csv")) and small:
                     tar.add(full, arcname=os.path.relpath(full, ctx.work))
 
 

@@ -231,7 +231,8 @@ def test_fault_rehearsal_report_keeps_every_number(suite, tmp_path, monkeypatch)
 
     report = (out / "gpu_suite.md").read_text()
     for needle in ("| 1.5 |", "| 2.5 |", "| True | 12.5 |", "| 7.25 |", "| 0.125 |", "| 0.375 |", "| 3.75 |",
-                   "| 4.5 |", "| hang | FAIL |", "| crash | FAIL |", "| fake_load | PASS |", "crashed after half its rows"):
+                   "| 4.5 |", "| hang | FAIL |", "| crash | FAIL |", "| fake_load | PASS |",
+                   "crashed after half its rows"):
         assert needle in report, needle
     state = json.loads((out / "gpu_suite.json").read_text())
     assert [p["status"] for p in state["parts"]] == [s for s, _ in status.values()] and state["running"] is None
@@ -265,8 +266,8 @@ def test_row_mirror_copies_complete_rows_once(suite, tmp_path):
     listed.write_text(json.dumps({"parts": [{"status": "ok", "t": 1}, {"status": "FAILED", "t": 2}]}))
     assert m.poll() == 2 and m.poll() == 0
     got = [json.loads(x) for x in dest.read_text().splitlines()]
-    assert got == [{"part": "p", "source": "a.jsonl", "a": 1}, {"part": "p", "source": "b.json", "status": "ok", "t": 1},
-                   {"part": "p", "source": "a.jsonl", "a": 2}, {"part": "p", "source": "b.json", "status": "FAILED", "t": 2}]
+    a, b = {"part": "p", "source": "a.jsonl"}, {"part": "p", "source": "b.json"}
+    assert got == [{**a, "a": 1}, {**b, "status": "ok", "t": 1}, {**a, "a": 2}, {**b, "status": "FAILED", "t": 2}]
 
 
 def test_cpu_smoke_writes_report_and_fails_on_a_missing_kl_script(suite, tmp_path, monkeypatch):

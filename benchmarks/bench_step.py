@@ -18,6 +18,7 @@ off, so the KL cost is the worst case). ``--prototypes G`` pads the sentence pro
 the contrastive columns) with detached random unit vectors to G columns, standing in for the
 features other data-parallel ranks contribute, so the KL runs at the real prototype count
 (the global batch: 32,768 by default on a GPU, as DESIGN's B/16 run; the micro-batch on CPU).
+The padding is made once per configuration on the device: the timed step holds no host work.
 
 Reported per configuration: median step time, samples/s, model TFLOP/s from
 rils_scale.train.flops (``total``: forward + backward, recompute not counted) and executed
@@ -25,6 +26,8 @@ TFLOP/s (``total_with_recompute``: plus activation-checkpointing and KL recomput
 numerator), MFU against the device's dense bf16 peak (rils_scale.train.hardware), and peak memory (CUDA
 max_memory_allocated; CPU: peak RSS). Each configuration runs in try/except: an out-of-memory
 becomes an "OOM" row, any other failure an "error" row, and the table is always printed.
+Every row reaches disk when it is measured: ``--rows`` appends it to a JSONL file and ``--out``
+rewrites the JSON and markdown after each configuration (a killed run keeps what it measured).
 """
 from __future__ import annotations
 
@@ -54,20 +57,27 @@ DEFAULT_MICRO_BATCH = {"tiny": 8, "small": 64, "vit_b16": 256, "vit_l16": 128, "
 STUDENT_TEMP, TEACHER_TEMP, RECON_WEIGHT = 0.1, 0.04, 0.5
 
 
-def rils_loss(out, n_masked: int, prototypes: int, kl_backend: str):
-    """Contrastive (both directions) + 0.5 x mean KL over masked rows (all rows kept)."""
+def prototype_padding(extra: int, width: int, device: torch.device, dtype: torch.dtype):
+    """The other ranks' captions: ``extra`` fixed random unit vectors of ``width``, made once per
+    configuration on the device, outside the timed step (None when there are none)."""
+    if extra <= 0:
+        return None
+    g = torch.Generator(device="cpu").manual_seed(0)
+    return F.normalize(torch.randn(extra, width, generator=g), dim=-1).to(device, dtype)
+
+
+def rils_loss(out, n_masked: int, kl_backend: str, pad=None, labels=None):
+    """Contrastive (both directions) + 0.5 x mean KL over masked rows (all rows kept). ``pad``
+    (:func:`prototype_padding`) extends the prototypes and contrastive columns to G; only device
+    work happens here: no random draw, no host-to-device copy, no host sync."""
     img, txt, scale = out["image_features"], out["text_features"], out["logit_scale"]
     b, _, e = out["student_patches"].shape
-    extra = prototypes - b
-    cols = txt
-    if extra > 0:  # other ranks' captions: fixed random unit vectors, no gradient
-        g = torch.Generator(device="cpu").manual_seed(0)
-        pad = F.normalize(torch.randn(extra, e, generator=g), dim=-1).to(txt.device, txt.dtype)
-        cols = torch.cat([txt, pad])
+    cols, img_cols = txt, img
+    if pad is not None:  # other ranks' captions: no gradient
+        cols = torch.cat([txt, pad.to(txt.dtype)])
         img_cols = torch.cat([img, pad.to(img.dtype)])
-    else:
-        img_cols = img
-    labels = torch.arange(b, device=img.device)
+    if labels is None:
+        labels = torch.arange(b, device=img.device)
     clip = 0.5 * (F.cross_entropy((scale * img @ cols.T).float(), labels)
                   + F.cross_entropy((scale * txt @ img_cols.T).float(), labels))
     # every sample has exactly n_masked masked positions: gather them without a host sync
@@ -141,10 +151,12 @@ def run_config(model_name: str, attn: str, kl: str, args, device: torch.device) 
         images = torch.randn(b, 3, cfg.vision.image_size, cfg.vision.image_size, device=device).to(in_dtype)
         tokens = torch.randint(1, cfg.text.vocab_size, (b, cfg.text.context_length), device=device)
         n_masked = masked_patches(cfg)
+        pad = prototype_padding(g - b, cfg.embed_dim, device, in_dtype)
+        labels = torch.arange(b, device=device)
 
         def step():
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                loss = rils_loss(model(images, tokens), n_masked, g, kl)
+                loss = rils_loss(model(images, tokens), n_masked, kl, pad, labels)
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -265,7 +277,9 @@ def parse_args(argv=None):
     p.add_argument("--peak-tflops", type=float, default=None, help="dense peak for MFU (default: device table)")
     p.add_argument("--profile", action="store_true", help="profile one step of the first configuration")
     p.add_argument("--profile-rows", type=int, default=20)
-    p.add_argument("--out", default="", help="write JSON here and a markdown table beside it (.md)")
+    p.add_argument("--out", default="", help="write JSON here and a markdown table beside it (.md), "
+                                                 "rewritten after every configuration")
+    p.add_argument("--rows", default="", help="append each configuration's row to this JSONL file as it is measured")
     p.add_argument("--verbose", action="store_true", help="print tracebacks of failed rows")
     args = p.parse_args(argv)
     if args.dtype is None:
@@ -303,6 +317,33 @@ def resolve_kl(name: str, device: torch.device) -> str:
     return "cuda" if ok else "streaming"
 
 
+def append_row(path: str, row: dict) -> None:
+    """One JSON line per measurement, appended, flushed and synced."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(row, default=str) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_outputs(args, name: str, rows, tf32) -> str:
+    """The summary JSON and the markdown table of the rows so far (each replaced atomically)."""
+    base = args.out[:-3] if args.out.endswith(".md") else (args.out[:-5] if args.out.endswith(".json") else args.out)
+    os.makedirs(os.path.dirname(os.path.abspath(base)), exist_ok=True)
+    summary = {"device": name, "peak_tflops": args.peak_tflops, "torch": torch.__version__,
+               "dtype": args.dtype, "weights": args.weights, "tf32": tf32,
+               "steps": args.steps, "warmup": args.warmup,
+               "checkpointing": not args.no_checkpointing, "rows": rows}
+    text = (f"device: {name}, {args.dtype}, weights {args.weights}, tf32 {tf32}, checkpointing "
+            f"{'on' if not args.no_checkpointing else 'off'}, median of {args.steps} steps after {args.warmup} "
+            f"warm-up\n\n{markdown_table(rows)}\n")
+    for path, content in ((base + ".json", json.dumps(summary, indent=2, default=str)), (base + ".md", text)):
+        with open(path + ".tmp", "w") as f:
+            f.write(content)
+        os.replace(path + ".tmp", path)
+    return base
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device)
@@ -327,22 +368,17 @@ def main(argv=None) -> int:
         for attn in [a for a in args.attn.split(",") if a]:
             for kl in [k for k in args.kl.split(",") if k]:
                 row = run_config(model_name, resolve_attn(attn, device), resolve_kl(kl, device), args, device)
+                row["device"] = name
                 rows.append(row)
                 print(markdown_table([row]).splitlines()[-1], flush=True)
-    table = markdown_table(rows)
-    print("\n" + table)
+                # every measurement reaches disk the moment it exists: a killed run keeps it
+                if args.rows:
+                    append_row(args.rows, row)
+                if args.out:
+                    write_outputs(args, name, rows, tf32)
+    print("\n" + markdown_table(rows))
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        summary = {"device": name, "peak_tflops": args.peak_tflops, "torch": torch.__version__,
-                   "dtype": args.dtype, "weights": args.weights, "tf32": tf32,
-                   "steps": args.steps, "warmup": args.warmup,
-                   "checkpointing": not args.no_checkpointing, "rows": rows}
-        base = args.out[:-3] if args.out.endswith(".md") else (args.out[:-5] if args.out.endswith(".json") else args.out)
-        with open(base + ".json", "w") as f:
-            json.dump(summary, f, indent=2)
-        with open(base + ".md", "w") as f:
-            f.write(f"device: {name}, {args.dtype}, weights {args.weights}, tf32 {tf32}, checkpointing {'on' if not args.no_checkpointing else 'off'}, "
-                    f"median of {args.steps} steps after {args.warmup} warm-up\n\n{table}\n")
+        base = write_outputs(args, name, rows, tf32)
         print(f"wrote {base}.json and {base}.md")
     return 0 if any(r.get("status") == "ok" for r in rows) else 1
 

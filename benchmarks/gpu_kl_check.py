@@ -21,7 +21,8 @@ hybrid, cuda, streaming; the speed table; the large shapes of those four; stream
 Results go to ``DIR/gpu_kl_check.json`` (rewritten after every part: a killed run keeps what it had)
 and a table to ``DIR/gpu_kl_check.md``. Exit status: 0 every part ran and passed; 1 a part failed
 (or timed out); 2 none failed but some were skipped for the time budget (never reported as success).
-``--dry-run`` prints the plan and the time limits, writes the JSON with every part "planned", runs
+``--kinds selfcheck,large`` runs a subset of the part kinds (gpu_suite.py times the speed table in a
+part of its own); ``--backends`` a subset of the backends. ``--dry-run`` prints the plan and the time limits, writes the JSON with every part "planned", runs
 nothing (a CPU check of the script). ``--device cpu`` runs the CPU-runnable parts at small sizes.
 """
 from __future__ import annotations
@@ -167,6 +168,12 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     ap.add_argument("--small", action="store_true", help="small sizes (default on --device cpu)")
     ap.add_argument("--dry-run", action="store_true", help="print the plan and write it, run nothing")
+    ap.add_argument("--backends", default="",
+                    help="comma-separated subset of the self-checked / large-shape backends (default: all of the "
+                         "device's; gpu_suite.py leaves out cuda when its build part did not build it)")
+    ap.add_argument("--kinds", default=",".join(PART_CAP),
+                    help="comma-separated subset of the part kinds selfcheck, large, speed (gpu_suite.py runs "
+                         "the speed table as its own part, first)")
     ap.add_argument("--_large", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     small = args.small or args.device == "cpu"
@@ -175,6 +182,9 @@ def main(argv=None) -> int:
         return 0
     if not args.out:
         ap.error("--out is required")
+    kinds = [k for k in args.kinds.split(",") if k]
+    if not kinds or set(kinds) - set(PART_CAP):
+        ap.error(f"--kinds: choose from {sorted(PART_CAP)}")
     os.makedirs(args.out, exist_ok=True)
     t_start = time.monotonic()
     device_name = "cpu"
@@ -186,7 +196,10 @@ def main(argv=None) -> int:
         device_name = torch.cuda.get_device_name(0)
     results = {"started": time.strftime("%Y-%m-%dT%H:%M:%S"), "device_name": device_name,
                "time_budget_s": args.time_budget_s, "parts": []}
-    for kind, backend in plan(args.device):
+    only = [b for b in args.backends.split(",") if b]
+    if set(only) - set(GPU_BACKENDS):
+        ap.error(f"--backends: choose from {GPU_BACKENDS}")
+    for kind, backend in [(k, b) for k, b in plan(args.device) if k in kinds and (not only or b in only + ["all"])]:
         results["parts"].append({"kind": kind, "backend": backend, "status": "planned",
                                  "command": _command(kind, backend, args.device, small, args.out)})
     _write(args.out, results)

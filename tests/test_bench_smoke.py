@@ -95,3 +95,75 @@ def test_bench_step_trainer_precision_on_cpu(tmp_path):
     assert row["prototypes"] == 24 and row["weights"] == "bf16"
     # executed FLOPs include activation-checkpointing and KL recompute
     assert row["executed_tflop_per_step"] > row["model_tflop_per_step"] > 0
+
+
+def _fake_outputs(b=4, n=10, e=16, n_masked=6, seed=0):
+    import torch
+    import torch.nn.functional as F
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.zeros(b, n, dtype=torch.bool)
+    for i in range(b):
+        mask[i, torch.randperm(n, generator=g)[:n_masked]] = True
+    unit = lambda *shape: F.normalize(torch.randn(*shape, generator=g), dim=-1)  # noqa: E731
+    return {"image_features": unit(b, e), "text_features": unit(b, e), "logit_scale": torch.tensor(10.0),
+            "student_patches": unit(b, n, e), "teacher_patches": unit(b, n, e), "mask": mask}
+
+
+def test_rils_loss_step_does_no_host_work():
+    """The timed step draws no random numbers and copies no padding (issue 17, item 6): the G - B
+    padding prototypes are made once, outside it; the loss equals the float64 formula with them."""
+    import torch
+    import torch.nn.functional as F
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from rils_scale.ops import patch_sentence_kl_reference
+    bench = _bench_step_module()
+    out, b, n_masked, G = _fake_outputs(), 4, 6, 24
+    pad = bench.prototype_padding(G - b, 16, torch.device("cpu"), torch.float32)
+    labels = torch.arange(b)
+    ops = []
+
+    class Spy(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with Spy():
+        loss = bench.rils_loss(out, n_masked, "streaming", pad, labels)
+    assert ops and not [o for o in ops if any(w in o for w in ("rand", "normal", "uniform", "_to_copy"))], ops
+    # reference: the same loss in float64 from the definitions
+    d = {k: (v.double() if v.is_floating_point() else v) for k, v in out.items()}
+    cols = torch.cat([d["text_features"], pad.double()])
+    img_cols = torch.cat([d["image_features"], pad.double()])
+    s = d["logit_scale"]
+    clip = 0.5 * (F.cross_entropy(s * d["image_features"] @ cols.T, labels)
+                  + F.cross_entropy(s * d["text_features"] @ img_cols.T, labels))
+    m = d["mask"]
+    kl = patch_sentence_kl_reference(d["student_patches"][m], d["teacher_patches"][m], cols,
+                                     student_temp=0.1, teacher_temp=0.04)
+    torch.testing.assert_close(loss.double(), clip + 0.5 * kl.mean(), rtol=1e-5, atol=1e-6)
+    assert bench.prototype_padding(0, 16, torch.device("cpu"), torch.float32) is None
+
+
+def test_bench_step_writes_each_row_when_it_exists(tmp_path):
+    """A run killed during its second configuration keeps the first row in --rows, --out JSON and .md."""
+    import pytest
+    bench = _bench_step_module()
+    calls = []
+
+    def run_config(model, attn, kl, args, device):
+        calls.append(kl)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # killed mid-configuration
+        return {"model": model, "attention": attn, "kl": kl, "micro_batch": 8, "prototypes": 8, "status": "ok",
+                "step_s": 0.5, "samples_per_s": 16.0, "tflops": 1.5, "mfu": None, "executed_tflops": 2.0,
+                "peak_mem_gb": 0.25}
+
+    bench.run_config = run_config
+    rows, out = tmp_path / "rows.jsonl", tmp_path / "b.json"
+    with pytest.raises(KeyboardInterrupt):
+        bench.main(["--model", "tiny", "--device", "cpu", "--attn", "sdpa", "--kl", "streaming,reference",
+                    "--rows", str(rows), "--out", str(out)])
+    (line,) = rows.read_text().splitlines()
+    assert json.loads(line)["kl"] == "streaming" and json.loads(line)["samples_per_s"] == 16.0
+    assert [r["kl"] for r in json.loads(out.read_text())["rows"]] == ["streaming"]
+    assert "| tiny | sdpa | streaming | 8 | 8 | 0.5000 | 16.0 |" in (tmp_path / "b.md").read_text()

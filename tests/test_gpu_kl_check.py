@@ -29,3 +29,18 @@ def test_dry_run_plan_and_budget(tmp_path, capsys):
     assert mod.main(["--out", str(tmp_path / "b"), "--device", "cpu", "--time-budget-s", "10"]) == 2
     res = json.loads((tmp_path / "b" / "gpu_kl_check.json").read_text())
     assert all(p["status"] == "skipped: time budget" for p in res["parts"]) and res["exit_status"] == 2
+
+
+def test_kinds_subset(tmp_path):
+    """gpu_suite.py times the speed table in its own part: --kinds leaves it out, order unchanged."""
+    mod = _load()
+    assert mod.main(["--out", str(tmp_path), "--dry-run", "--kinds", "selfcheck,large"]) == 0
+    kinds = [(p["kind"], p["backend"]) for p in json.loads((tmp_path / "gpu_kl_check.json").read_text())["parts"]]
+    assert kinds == [(k, b) for k, b in mod.plan("cuda") if k != "speed"] and len(kinds) == 10
+    assert mod.main(["--out", str(tmp_path), "--dry-run", "--kinds", "selfcheck", "--backends", "triton,hybrid"]) == 0
+    kinds = [(p["kind"], p["backend"]) for p in json.loads((tmp_path / "gpu_kl_check.json").read_text())["parts"]]
+    assert kinds == [("selfcheck", "triton"), ("selfcheck", "hybrid")]
+    import pytest
+    for bad in (["--kinds", "speed,nope"], ["--backends", "cuda,nope"]):
+        with pytest.raises(SystemExit):
+            mod.main(["--out", str(tmp_path), "--dry-run", *bad])

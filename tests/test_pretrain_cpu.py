@@ -116,8 +116,10 @@ def test_zero3_two_ranks_train_log_checkpoint_and_resume_exactly(data, tmp_path)
     part = tmp_path / "part"
     log = _pretrain(data, part, "--max-steps", "6", "--save-every", "100", "--exit-after-steps", "3")
     assert "stopped at step 3: --exit-after-steps 3" in log
-    log = _pretrain(data, part, "--max-steps", "6", "--save-every", "100", "--resume")
+    log = _pretrain(data, part, "--max-steps", "6", "--save-every", "100", "--resume", "--no-final-checkpoint")
     assert "resumed from" in log and "data resume: exact" in log  # loader state, no replay
+    # --no-final-checkpoint (benchmarks): the resumed run writes no tag at max_steps
+    assert sorted(p.name for p in (part / "checkpoints").glob("global_step*")) == ["global_step3"]
     resumed = _metrics(part)
     assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]
     # Bitwise equal in practice: same data position, masks seeded per micro-step, augmentation

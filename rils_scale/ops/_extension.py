@@ -9,6 +9,8 @@ into a node-local cache directory keyed by GPU arch, torch, CUDA, Python and sou
 :func:`check_toolchain` has confirmed nvcc, the CUDA headers, a host compiler and ninja (a clear
 message instead of a minute-long build that fails). Failures are remembered (``load_error()``).
 ``python -m rils_scale.ops.build_kernels`` runs (2) ahead of time, once per node (Slurm launcher).
+A build killed midway cannot block later loads: :mod:`.build_lock` serialises the project's builds
+of a directory and removes the lock file such a build leaves (torch <= 2.11 waits on it forever).
 
 ``compile_only()`` compiles and links the sources without loading them (the CI check on a
 machine with nvcc and a CUDA build of torch, but no GPU).
@@ -26,6 +28,8 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+
+from .build_lock import build_lock
 
 KERNELS_DIR = Path(__file__).resolve().parents[2] / "kernels"
 SOURCES = ("patch_sentence_kl.cpp", "patch_sentence_kl_kernel.cu")
@@ -195,9 +199,11 @@ def jit_build(archs: list[str] | None = None, verbose: bool = False):
     from torch.utils import cpp_extension as ce
     ce.CUDA_HOME = cuda_home()     # torch fixed its guess at import; use the toolkit check_toolchain found
     os.environ.setdefault("CUDA_HOME", ce.CUDA_HOME)
-    return load(name=MODULE_NAME, sources=[str(KERNELS_DIR / s) for s in SOURCES],
-                extra_cflags=["-O3", CXX_STD, *defs], extra_cuda_cflags=NVCC_FLAGS + [CXX_STD] + _gencode(archs),
-                build_directory=str(build_dir), verbose=verbose)
+    # torch <= 2.11 waits forever on a `lock` file left by a killed build: build_lock removes it
+    with build_lock(build_dir):
+        return load(name=MODULE_NAME, sources=[str(KERNELS_DIR / s) for s in SOURCES],
+                    extra_cflags=["-O3", CXX_STD, *defs], extra_cuda_cflags=NVCC_FLAGS + [CXX_STD] + _gencode(archs),
+                    build_directory=str(build_dir), verbose=verbose)
 
 
 def compile_only(out_dir: str | os.PathLike | None = None, archs: list[str] | None = None,

@@ -6,7 +6,9 @@ device (:mod:`.kl_selfcheck`; CUDA backends in a subprocess) is timed on the cal
 (one warm-up call, then the best of ``_REPEATS``, forward + backward when gradients are needed), and
 the fastest is kept: in-process and in a node-local JSON cache (``$RILS_KL_SELECTION_CACHE``,
 default ``$TMPDIR/rils_scale_<user>/kl_selection.json``), keyed also by torch version and a hash of
-the KL sources, so a changed kernel is re-checked and re-timed. Candidates: CUDA tensors
+the KL sources, so a changed kernel is re-checked and re-timed. CUDA self-check verdicts are kept
+beside it (``kl_selfcheck.json``, keyed by device model, backend, torch, triton and the source hash),
+so a new process does not re-run the self-check subprocesses (a time-out is not kept). Candidates: CUDA tensors
 ``triton``, ``hybrid``, ``cuda``, ``streaming``, ``streaming_chunked``; CPU tensors
 ``streaming``, ``streaming_chunked``. ``deterministic=True`` keeps every candidate: none of them
 uses atomics or a run-dependent reduction order.
@@ -26,7 +28,8 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["select_backend", "candidates", "shape_class", "cache_path", "backend_ok", "clear"]
+__all__ = ["select_backend", "candidates", "shape_class", "cache_path", "backend_ok", "clear",
+           "verdict_cache_path", "verdict_key"]
 
 CPU_CANDIDATES = ("streaming", "streaming_chunked")
 CUDA_CANDIDATES = ("triton", "hybrid", "cuda", "streaming", "streaming_chunked")
@@ -89,25 +92,32 @@ def cache_path() -> Path:
     return Path(tempfile.gettempdir()) / f"rils_scale_{user}" / "kl_selection.json"
 
 
-def _read_cache() -> dict:
+def _read_json(path: Path) -> dict:
     try:
-        data = json.loads(cache_path().read_text())
+        data = json.loads(path.read_text())
         return data if isinstance(data, dict) else {}
     except (OSError, ValueError):
         return {}
 
 
+def _read_cache() -> dict:
+    return _read_json(cache_path())
+
+
 def _write_cache(key: str, entry: dict) -> None:
-    path = cache_path()
+    _write_json_entry(cache_path(), key, entry)
+
+
+def _write_json_entry(path: Path, key: str, entry: dict) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        data = _read_cache()
+        data = _read_json(path)
         data[key] = entry
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
         os.replace(tmp, path)        # atomic: ranks of one node may write concurrently
     except OSError as e:
-        warnings.warn(f"patch_sentence_kl: could not write the backend selection cache {path}: {e}",
+        warnings.warn(f"patch_sentence_kl: could not write the cache {path}: {e}",
                       RuntimeWarning, stacklevel=3)
 
 
@@ -130,12 +140,50 @@ def _run_check(backend: str, device: torch.device) -> tuple[bool, str]:
     return kl_selfcheck.check_backend(backend, device, quick=True)
 
 
+def verdict_cache_path() -> Path:
+    """Node-local file of CUDA self-check verdicts, beside the selection cache."""
+    return cache_path().with_name("kl_selfcheck.json")
+
+
+def verdict_key(backend: str, device: torch.device) -> str:
+    """What a self-check verdict depends on: device model, backend, torch, triton and the KL sources
+    (the selection cache's key without the shape: the self-check runs its own fixed cases)."""
+    global _SRC_HASH
+    _SRC_HASH = _SRC_HASH or _source_hash()
+    try:
+        from importlib.metadata import version
+        triton = version("triton")
+    except Exception:  # noqa: BLE001 - no triton: the Triton backends fail their check anyway
+        triton = "none"
+    return f"{device_name(device)}|{backend}|torch{torch.__version__}|triton{triton}|src{_SRC_HASH}"
+
+
+def _cacheable(reason: str) -> bool:
+    """A verdict of the check itself (pass, wrong numbers, a crash), not a circumstance that can
+    change without the key changing (not built yet, a time-out while the node was busy)."""
+    return not any(w in reason for w in ("timed out", "unavailable", "not importable", "TRITON_INTERPRET",
+                                         "need CUDA"))
+
+
 def backend_ok(backend: str, device: torch.device) -> tuple[bool, str]:
-    """``(passed, reason)`` of ``backend``'s self-check on ``device`` (run once per process)."""
+    """``(passed, reason)`` of ``backend``'s self-check on ``device``: run once per process, and for
+    CUDA (a subprocess of up to a minute per backend) once per node and :func:`verdict_key`: the
+    verdict is kept in :func:`verdict_cache_path` and read back by later processes."""
     key = (device_name(device) + f"#{device.index}", backend)
     with _lock:
-        if key not in _checked:
-            _checked[key] = _run_check(backend, device)
+        if key in _checked:
+            return _checked[key]
+        disk_key = verdict_key(backend, device) if device.type == "cuda" else None
+        entry = _read_json(verdict_cache_path()).get(disk_key) if disk_key else None
+        if isinstance(entry, dict) and isinstance(entry.get("ok"), bool):
+            _checked[key] = (entry["ok"], f"{entry.get('reason', '')} (self-check of {entry.get('date', '?')}, "
+                                          f"cached in {verdict_cache_path()})")
+            return _checked[key]
+        ok, why = _run_check(backend, device)
+        _checked[key] = (ok, why)
+        if disk_key and _cacheable(why):
+            _write_json_entry(verdict_cache_path(), disk_key,
+                              {"ok": ok, "reason": why, "date": time.strftime("%Y-%m-%dT%H:%M:%S")})
         return _checked[key]
 
 

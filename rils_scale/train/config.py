@@ -87,7 +87,9 @@ class TrainConfig:
     log_every: int = 10
     """Steps between logged metrics."""
     save_every: int = 1000
-    """Steps between checkpoints (a final one is always written)."""
+    """Steps between checkpoints (a final one is written at max_steps unless --no-final-checkpoint)."""
+    no_final_checkpoint: bool = False
+    """Skip the checkpoint at max_steps (benchmarks: a run that is thrown away; signals still save)."""
     keep_checkpoints: int = 2
     """Newest checkpoints kept (older ones are deleted); 0 keeps all."""
     resume: bool = False

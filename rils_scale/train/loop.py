@@ -294,7 +294,8 @@ class Trainer:
                 exit_reason = f"signal {stop.signal_name or '(peer)'}"
             elif cfg.exit_after_steps and steps_this_run >= cfg.exit_after_steps and self.step < cfg.max_steps:
                 stopping, exit_reason = True, f"--exit-after-steps {cfg.exit_after_steps}"
-            if stopping or self.step % cfg.save_every == 0 or self.step == cfg.max_steps:
+            final = self.step == cfg.max_steps and not cfg.no_final_checkpoint
+            if stopping or self.step % cfg.save_every == 0 or final:
                 self.save()
             if stopping:
                 break

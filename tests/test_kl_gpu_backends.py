@@ -63,8 +63,8 @@ def _check(fn, P, M, D, dtype, need_t=True, scale=1.0, normalise=True, **kw):
 def test_triton_kernels_interpreted_pass_selfcheck(backend):
     """The self-check command run as auto runs it (a subprocess), with TRITON_INTERPRET=1 set before
     triton is imported (its own library functions are decorated at import): the quick cases cover
-    odd sizes, several M splits of the forward (4 on a CPU) and row blocks, several column blocks of
-    the hybrid backward, a peaked teacher, fp32 and bf16, loss and both gradients vs float64."""
+    odd sizes, several row blocks and G chunks, a peaked teacher, fp32 and bf16, loss and both gradients
+    vs float64 (forced M splits and split-K: the interpreter cases below)."""
     pytest.importorskip("triton")
     from rils_scale.ops.kl_selfcheck import selfcheck_in_subprocess
     ok, reason = selfcheck_in_subprocess(backend, "cpu", timeout_s=600, quick=True,

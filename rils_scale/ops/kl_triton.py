@@ -6,19 +6,24 @@ Teacher logits ``a = te T^T / tau_t`` (stop-gradient), student logits ``b = st T
 desk estimate; nothing here has run on a GPU).
 
 * ``_fwd_kernel`` -- grid (row blocks of 128) x (M splits chosen to fill whole waves of the SMs). A
-  program sweeps the 128-wide prototype tiles of its M range; per tile one pass over D (64-wide chunks,
-  software-pipelined loads) feeds two ``tl.dot`` (bf16/fp16 in, fp32 accumulate: ``wgmma`` on sm_90a)
+  program sweeps the 128-wide prototype tiles of its M range; per tile one pass over D (32-wide chunks,
+  4-stage software-pipelined loads) feeds two ``tl.dot`` (bf16/fp16 in, fp32 accumulate: ``wgmma`` on sm_90a)
   into the teacher and student logit tiles, and the online statistics (base 2: maxima, sums of exp2,
   ``sum 2^(a - m_a) (a - b)``) stay in registers. 128 rows on 8 warps = one 64-row slab per warpgroup,
   so every row reduction stays inside a warp (no shared-memory exchange between warpgroups). The
   partial statistics ``[splits, P, 5]`` are combined by a few PyTorch ops.
 * ``_g_kernel`` -- recomputes both logit tiles from the saved base-2 LSEs ONCE per (row, prototype)
-  tile and writes ``G = p - q`` (input dtype, |G| <= 1: no underflow of small upstream weights in fp16)
-  into a bounded column chunk ``[P, width]`` (``_G_BUDGET``; never ``P x M``).
+  tile and writes ``G = p - q`` (input dtype; |G| <= 1 whatever the upstream gradient's scale, which is
+  applied in fp32 outside the 16-bit operands) into a bounded column chunk ``[P, width]`` (``_G_BUDGET``;
+  never ``P x M``).
 * ``_mm_kernel`` -- a plain tensor-core GEMM with fp32 accumulation used for both gradient products of
   each chunk: ``dS += G T_chunk`` (accumulated in the kernel over the chunks, in chunk order) and
   ``dT_chunk = G^T S'`` (``S' = S * w / max|w|``; split-K over P into fp32 partials added in a fixed
-  order when the output tiles alone would not fill a wave).
+  order when the output tiles alone would not fill whole waves).
+
+P and M are padded to whole tiles inside the backward (zero rows of G, S' and T) and D to whole chunks
+(zero columns, :func:`_prep`), so no load masks K or D; logit-tile rows and prototypes past the end are
+clamped to the last valid one and masked out afterwards.
 
 Executed products (GEMM-sized, 2 P M D FLOPs each): forward 2; backward 2 recomputed + 1 per gradient
 (``kl_flops``). Every output element is written by one program and every sum runs in a fixed order: no

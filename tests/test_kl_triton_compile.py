@@ -148,7 +148,7 @@ def _launch_flops(kernel, grid, args, kwargs) -> int:
     """FLOPs of the GEMM-sized products one recorded launch executes (whole tiles, as the hardware does)."""
     name = kernel.fn.__name__
     if name == "_fwd_kernel":
-        (P, M, D), per = args[4:7], args[9]
+        (M, D), per = args[5:7], args[9]
         return 2 * 2 * grid[0] * kwargs["BLOCK_P"] * min(M, grid[1] * per) * D
     if name == "_g_kernel":
         D = args[8]

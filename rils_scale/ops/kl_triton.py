@@ -271,8 +271,9 @@ def _config(device: torch.device, dtype: torch.dtype, D: int) -> dict:
     """Tile sizes. GPU, 16-bit inputs: forward and G kernel 128 rows x 128 prototypes x 32-wide D chunks
     at 8 warps (one 64-row slab per warpgroup), 4 pipeline stages of (128 + 128 + 128) x 32 x 2 B = 24 KiB;
     gradient GEMMs 128 x 128 x 64, 8 warps, 4 stages of 32 KiB. fp32 inputs (exact ``ieee`` products on
-    the CUDA cores, not the training path): 64 x 64 x 16 tiles, 8 warps (GEMMs 64 x 64 x 32, 4 warps). ``pad``: P and M are padded to
-    multiples of it inside the backward, D to multiples of ``BLOCK_D`` everywhere (zeros).
+    the CUDA cores, not the training path): 64 x 64 x 16 tiles, 8 warps (GEMMs 64 x 64 x 32, 4 warps).
+    ``pad``: P and M are padded to multiples of it inside the backward, D to multiples of ``BLOCK_D``
+    everywhere (zeros).
     Chosen so that ptxas (sm_90a) reports no spills and no serialised wgmma at the real specialisation --
     tests/test_kl_triton_compile.py checks it without a GPU -- NOT tuned for speed (no GPU has run them).
     The interpreter uses the smallest tiles ``tl.dot`` accepts (16), 64-wide in D from D = 256 on (its

@@ -7,16 +7,18 @@ different backends compare the hardware's work, not the algorithm's credit:
 * model (minimum, no recompute): forward 2 logit products; backward dStudent (1) + dPrototypes (1)
 * reference: 2 + 1 + 1 (autograd through the materialised P x M logits)
 * streaming, full-row path (CPU default with gradients, uniform upstream gradient): 2 + 2, all in forward
-* streaming M-chunked / GPU low-precision path / hybrid: 2 forward + 2 recomputed + 1 + 1
+* streaming M-chunked / GPU low-precision path: 2 forward + 2 recomputed + 1 + 1
   (student-only on the M-chunked fp32 path: 2 + 2 "attention outputs" in forward)
-* triton: 2 + per output D block of ``BLOCK_DO``: 2 recomputed, plus 1 gradient product, for each of
-  dStudent and dPrototypes (``ceil(D / BLOCK_DO)`` recomputations each)
+* triton and hybrid: 2 forward + 2 recomputed (the G tiles, formed once per tile and written to a
+  bounded column chunk) + 1 per gradient (dStudent = G T, dPrototypes = G^T S from the same G tiles;
+  Triton GEMMs resp. cuBLAS): 6, or 5 without prototype gradient. The backward's 2 recomputed
+  products are shared by both gradients.
+  (Before issue 17 the triton backend recomputed the logits per 128-wide output D block and per
+  gradient: 2 + 2 * (2 * ceil(D / 128) + 1) = 20 at D = 512.)
 * cuda (kernels/): 2 + (2 + 1) for dStudent + (2 + 1) for dPrototypes
 Without gradients every backend executes 2. Without prototype gradients drop the dPrototypes terms.
 """
 from __future__ import annotations
-
-import math
 
 __all__ = ["executed_products", "model_products", "gemm_flops"]
 
@@ -30,7 +32,7 @@ def model_products(need_s: bool, need_t: bool) -> int:
 
 
 def executed_products(backend: str, P: int, M: int, D: int, need_s: bool, need_t: bool, *, device: str = "cuda",
-                      dtype: str = "bfloat16", uniform_g: bool = True, block_do: int | None = None) -> int:
+                      dtype: str = "bfloat16", uniform_g: bool = True) -> int:
     """Products executed by ``backend`` (see the module docstring); ``auto`` is not a backend here:
     pass the one it selected."""
     if not (need_s or need_t):
@@ -45,11 +47,8 @@ def executed_products(backend: str, P: int, M: int, D: int, need_s: bool, need_t
         return 2 + 2 + ns + nt
     if backend == "streaming_chunked":
         return 4 if not need_t else 2 + 2 + ns + nt
-    if backend == "hybrid":
+    if backend in ("hybrid", "triton"):
         return 2 + 2 + ns + nt
-    if backend == "triton":
-        blocks = math.ceil(D / (block_do or min(128, 1 << max(4, math.ceil(math.log2(max(D, 1)))))))
-        return 2 + ns * (2 * blocks + 1) + nt * (2 * blocks + 1)
     if backend == "cuda":
         return 2 + ns * 3 + nt * 3
     raise ValueError(f"unknown backend {backend!r}")

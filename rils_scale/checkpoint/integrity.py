@@ -109,7 +109,7 @@ def read_latest(checkpoints_dir: str) -> Optional[str]:
 
 
 def newest_complete_tag(checkpoints_dir: str) -> Optional[str]:
-    """The tag to resume from: the newest complete ``global_stepN``.
+    """The newest complete ``global_stepN`` (``--resume`` itself loads :func:`resume_tag`).
 
     A tag without marker is ignored, except that ``latest`` naming a directory without a marker
     but with ``rils_weights.json`` (a converter output, written atomically by the converter) or

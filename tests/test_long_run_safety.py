@@ -39,8 +39,8 @@ def _run(data, out, *extra, env=None, ranks=2, timeout=400):
     return proc.returncode, proc.stdout + proc.stderr
 
 
-def _rows(out):
-    with open(os.path.join(out, "metrics.jsonl")) as f:
+def _rows(out, name="metrics.jsonl"):
+    with open(os.path.join(out, name)) as f:
         return [json.loads(line) for line in f]
 
 
@@ -83,7 +83,9 @@ def test_nonfinite_steps_full_disk_resume_abort_and_payload(data, tmp_path):
     assert code == 3, log[-3000:]
     assert f"resumed from {ckpts / 'global_step2'} at step 2" in log
     assert "2 consecutive non-finite steps (--max-nonfinite-steps 2) at step 7" in log
-    resumed = _rows(out)[4:]
+    # Rows of steps 3, 4 (after the resumed checkpoint) were moved to metrics.discarded.jsonl.
+    assert _rows(out)[:2] == rows[:2] and _rows(out, "metrics.discarded.jsonl") == rows[2:]
+    resumed = _rows(out)[2:]
     assert [r["step"] for r in resumed] == [3, 4, 5, 6] and resumed[-1]["nonfinite_steps"] == 2
     for a, b in zip(rows[2:], resumed[:2]):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-6, abs=1e-7), (a, b)

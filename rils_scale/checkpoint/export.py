@@ -308,7 +308,8 @@ def export_deepspeed(source: Source, output_dir: str, tensor_parallel: int, *, t
     write_json(os.path.join(tag_dir, WEIGHTS_ONLY_MARKER), {
         "format": "rils-weights-only", "format_version": 1, "tensor_parallel": tensor_parallel, "files": files,
         "client_state": {k: client[k] for k in ("step", "batches_consumed", "skipped", "model_config",
-                                                "tensor_parallel") if k in client},
+                                                "tensor_parallel", "tokenizer_sha256", "skip_batches",
+                                                "rollbacks") if k in client},
         "lr_scheduler": _jsonable(getattr(source, "lr_scheduler", None)),
         "optimizer": optimizer_meta,
         "source": source.describe(),

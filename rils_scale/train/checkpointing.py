@@ -6,14 +6,18 @@
 2. ``engine.save_checkpoint(..., save_latest=False)`` writes DeepSpeed's files; then
    ``write_extra(tag_dir)`` (the per-rank hook, e.g. the loader state of each DP rank) writes
    extra files *inside the tag*, before the tag is declared complete; every rank fsyncs;
-3. after a barrier rank 0 writes ``rils_complete.json`` (after fsync), then ``latest``
-   atomically, then prunes (``rils_scale.checkpoint.integrity``).
+3. after a barrier rank 0 writes ``latest`` atomically, then ``rils_complete.json`` (after
+   fsync; it also carries the run's identity: tokenizer digest, model config, data position,
+   skip windows), then prunes (``rils_scale.checkpoint.integrity``). ``latest`` goes first so
+   that it never names an older tag than the newest complete one unless a user (or a roll
+   back) chose so; a ``latest`` naming a tag without marker is passed over on resume.
 
 Any failure while writing (a full disk: ``ENOSPC``; torch reports it as "basic_ios::clear" or
 "PytorchStreamWriter failed writing file") raises :class:`CheckpointWriteError` naming the tag
 and the cause; the trainer exits non-zero; the previous tag and ``latest`` are untouched.
 
-``resume`` loads the newest *complete* tag: weights-only tags (converter outputs) through
+``resume`` loads the tag chosen by ``integrity.resume_tag`` (``latest`` when complete, else the
+newest complete tag, or ``--resume-from``): weights-only tags (converter outputs) through
 ``checkpoint.resume``, DeepSpeed tags through ``engine.load_checkpoint`` with the allowlisting
 reader of ``checkpoint.safe_load`` installed first (``--trust-pickle`` to opt out).
 """
@@ -57,6 +61,10 @@ def _is_disk_full(err: BaseException, directory: str) -> bool:
         return False
 
 
+MARKER_KEYS = ("batches_consumed", "tokenizer_sha256", "model_config", "tensor_parallel", "skip_batches", "rollbacks")
+"""Client-state entries copied into ``rils_complete.json``: readable (JSON) before any engine exists."""
+
+
 def save(trainer, client_state: dict, write_extra: Optional[Callable[[str], None]] = None) -> str:
     """Write ``global_step{trainer.step}``; returns the tag directory."""
     directory = os.path.join(trainer.cfg.output_dir, "checkpoints")
@@ -79,8 +87,9 @@ def save(trainer, client_state: dict, write_extra: Optional[Callable[[str], None
     comm.barrier()
     if trainer.is_main:
         try:
-            integrity.mark_complete(tag_dir, {"tag": tag, "step": trainer.step, "world_size": trainer.world})
             integrity.write_latest(directory, tag)
+            integrity.mark_complete(tag_dir, {"tag": tag, "step": trainer.step, "world_size": trainer.world,
+                                              **{k: client_state[k] for k in MARKER_KEYS if k in client_state}})
         except OSError as err:
             raise CheckpointWriteError(f"could not complete checkpoint {tag_dir}: {err}") from err
         integrity.prune(directory, trainer.cfg.keep_checkpoints)
@@ -89,13 +98,13 @@ def save(trainer, client_state: dict, write_extra: Optional[Callable[[str], None
     return tag_dir
 
 
-def resume(trainer) -> Optional[ResumePoint]:
-    """Load the newest complete checkpoint into ``trainer.engine``; ``None`` if there is none."""
+def resume(trainer, tag: Optional[str] = None) -> Optional[ResumePoint]:
+    """Load ``tag`` (default: ``integrity.resume_tag``) into ``trainer.engine``; ``None`` if there is none."""
     from ..checkpoint.resume import load_weights_only_checkpoint, weights_only_tag_dir
     from ..checkpoint.safe_load import UnsafeCheckpointError, install_safe_checkpoint_engine
 
     directory = os.path.join(trainer.cfg.output_dir, "checkpoints")
-    tag = integrity.newest_complete_tag(directory)
+    tag = tag or integrity.resume_tag(directory)[0]
     if tag is None:
         partial = integrity.list_tags(directory)
         if partial and trainer.is_main:  # the first save was interrupted: nothing to resume from

@@ -21,7 +21,7 @@ class TrainConfig:
     train_data: str = ""
     """Training shards: a directory of .tar, a brace pattern, pipe: URLs, or '::'-separated list."""
     tokenizer: str = ""
-    """SentencePiece model (launchers/train_tokenizer.py)."""
+    """SentencePiece model (launchers/train_tokenizer.py); --resume: default the run's own copy."""
     num_workers: int = 2
     """DataLoader workers per rank."""
     shuffle_buffer: int = 1000
@@ -93,7 +93,16 @@ class TrainConfig:
     keep_checkpoints: int = 2
     """Newest checkpoints kept (older ones are deleted); 0 keeps all."""
     resume: bool = False
-    """Continue from the newest checkpoint in output_dir/checkpoints (fresh start if none)."""
+    """Continue from checkpoints/latest if it names a complete tag, else the newest complete one (fresh start if none)."""
+    resume_from: str = ""
+    """Roll back: resume from this complete tag or step (global_stepN or N); newer tags move to
+    checkpoints/abandoned/<UTC time>/ (implies --resume; docs/checkpoints.md)."""
+    skip_batches: str = ""
+    """START:END[,START:END...]: batches (batches_consumed numbering, END exclusive) read and dropped,
+    never trained on; recorded in later checkpoints."""
+    start_over: bool = False
+    """Fresh start in a directory that holds a run: first move its files to
+    output_dir/previous_runs/<UTC time>/ (nothing is deleted)."""
     exit_after_steps: int = 0
     """Checkpoint and exit after this many steps of this invocation (preemptible clusters)."""
     trust_pickle: bool = False
@@ -157,6 +166,8 @@ def parse_args(argv: Optional[List[str]] = None) -> TrainConfig:
         raise SystemExit(f"--recon-target must be one of {RECON_TARGETS}")
     if cfg.precision not in ("config", "bf16", "fp32"):
         raise SystemExit("--precision must be config, bf16 or fp32")
+    from .run_dir import check_run_options
+    check_run_options(cfg)
     return cfg
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 import datetime
 import logging
 import os
-import shutil
 import sys
 import time
 from typing import Dict, Optional
@@ -57,6 +56,9 @@ class Trainer:
         self.rank = dist.get_rank()
         self.world = dist.get_world_size()
         self.is_main = self.rank == 0
+        from .run_dir import claim, resolve_tokenizer
+        self.run_lock = claim(cfg, self.is_main)  # one writer: before anything is written into output_dir
+        resolve_tokenizer(cfg)  # --resume without --tokenizer: the run's own copy
         # Validate everything that can be validated before any process group or compute.
         self.tokenizer = self._load_tokenizer()
         self.model_cfg = get_config(cfg.model, mask_ratio=cfg.mask_ratio, recon_target=cfg.recon_target,
@@ -90,14 +92,21 @@ class Trainer:
         self.write_checkpoint_extra = self._write_loader_state
         self.loader_resume = None  # saved loader state (data/loader_state.py), set by maybe_resume
         self.loader = None
+        self.skip_windows = []  # --skip-batches plus the resumed checkpoint's windows (train/rollback.py)
+        self.rollbacks = []  # roll backs in this run's lineage (train/rollback.py)
+        self.pending_events = []  # metrics.jsonl event rows decided before the logger exists
         self.flops_per_step = self._flops_per_step()
 
     # ------------------------------------------------------------------ set-up helpers
     def _load_tokenizer(self):
         from ..data.tokenizer import Tokenizer
+        if not self.cfg.tokenizer and self.cfg.resume:
+            raise SystemExit(f"--resume: {self.cfg.output_dir} has no tokenizer.model of its own: pass --tokenizer")
         if not self.cfg.tokenizer or not os.path.exists(self.cfg.tokenizer):
             raise SystemExit(f"--tokenizer {self.cfg.tokenizer!r} not found "
                              "(train one with launchers/train_tokenizer.py)")
+        from .run_dir import file_sha256
+        self.tokenizer_sha256 = file_sha256(self.cfg.tokenizer)  # the tokenizer is part of the run
         return Tokenizer.load(self.cfg.tokenizer)
 
     def _validate(self) -> None:
@@ -114,11 +123,13 @@ class Trainer:
 
     def _preflight(self) -> None:
         """Bad shards and a tokenizer that does not fit the checkpoint: before any engine."""
-        from .preflight import check_resume_vocabulary, check_shards
+        from .preflight import check_shards
         check_shards(self.cfg.train_data, dp_size=self.world // max(1, self.cfg.tensor_parallel),
                      num_workers=self.cfg.num_workers, resampled=self.cfg.resampled, announce=self.is_main)
-        if self.cfg.resume:
-            check_resume_vocabulary(self.cfg.output_dir, self.tokenizer.vocab_size, self.cfg.tokenizer)
+        if self.cfg.resume:  # the tag to load; tokenizer and model must be the run's (train/resume_checks.py)
+            from .resume_checks import check_resume
+            self.resume_choice = check_resume(self.cfg, self.cfg.tokenizer, self.tokenizer_sha256,
+                                              self.tokenizer.vocab_size, self.model_cfg.to_dict(), self.is_main)
 
     def _flops_per_step(self, recon_rows_fraction: float = 1.0) -> Optional[Dict]:
         try:
@@ -143,16 +154,19 @@ class Trainer:
     def _write_run_config(self) -> None:
         if not self.is_main:
             return
+        from .run_dir import install_run_tokenizer
         os.makedirs(self.cfg.output_dir, exist_ok=True)
-        tok_copy = os.path.join(self.cfg.output_dir, "tokenizer.model")
-        if os.path.abspath(self.cfg.tokenizer) != os.path.abspath(tok_copy):
-            shutil.copyfile(self.cfg.tokenizer, tok_copy)
+        warning = install_run_tokenizer(self.cfg.output_dir, self.cfg.tokenizer, self.tokenizer_sha256)
+        if warning:
+            print(f"[rils_scale] WARNING: {warning}", flush=True)
         write_json(os.path.join(self.cfg.output_dir, "config.json"), {
             "train": self.cfg.to_dict(), "model": self.model_cfg.to_dict(), "deepspeed": self.ds_config,
             "parallel": {"world_size": self.world, "tensor_parallel": self.state.tp_size,
                          "data_parallel": self.state.dp_size, "sequence_parallel": self.cfg.sequence_parallel,
                          "zero_stage": zero_stage(self.ds_config)},
             "global_batch_size": self.global_batch, "tokenizer": "tokenizer.model",
+            "tokenizer_sha256": self.tokenizer_sha256, "skip_batches": [list(w) for w in self.skip_windows],
+            "resumed_from": self.resume_point.tag if self.resume_point else None,
         })
 
     # ------------------------------------------------------------------ checkpoints
@@ -161,6 +175,8 @@ class Trainer:
             "step": self.step, "batches_consumed": self.batches_consumed, "skipped": self._global_skips(),
             "nonfinite_steps": self.guard.total,
             "model_config": self.model_cfg.to_dict(), "tensor_parallel": self.state.tp_size,
+            "tokenizer_sha256": self.tokenizer_sha256, "skip_batches": [list(w) for w in self.skip_windows],
+            "rollbacks": self.rollbacks,
         }, write_extra=self.write_checkpoint_extra)
 
     def _write_loader_state(self, tag_dir: str) -> None:
@@ -169,9 +185,12 @@ class Trainer:
             write_loader_state(tag_dir, self.loader.state_dict())
 
     def maybe_resume(self) -> None:
+        from .rollback import parse_skip_batches
+        self.skip_windows = parse_skip_batches(self.cfg.skip_batches)
         if not self.cfg.resume:
             return
-        point = checkpointing.resume(self)
+        choice = self.resume_choice
+        point = checkpointing.resume(self, choice.tag) if choice.tag else None
         if point is None:
             if self.is_main:
                 print(f"[rils_scale] --resume: no checkpoint in {checkpoint_dir(self.cfg)}, starting fresh", flush=True)
@@ -188,8 +207,14 @@ class Trainer:
         self.guard.total = int(client.get("nonfinite_steps", 0))
         from ..data.loader_state import read_loader_states
         self.loader_resume = read_loader_states(point.path, self.state.dp_rank)  # None: replay
+        from .rollback import combine_windows, roll_back
+        self.skip_windows = combine_windows(client.get("skip_batches") or [], self.skip_windows,
+                                            self.batches_consumed, point.path)
+        self.rollbacks = list(client.get("rollbacks") or [])
         if self.is_main:
-            print(f"[rils_scale] resumed from {point.path} at step {self.step}", flush=True)
+            print(f"[rils_scale] resumed from {point.path} at step {self.step} ({choice.why})", flush=True)
+        if choice.newer:
+            roll_back(self, point, choice.newer)
 
     def _global_skips(self) -> Dict[str, int]:
         """Skip counts summed over DP ranks (TP peers read the same data) plus earlier runs."""
@@ -244,16 +269,30 @@ class Trainer:
         cfg = self.cfg
         self.maybe_resume()
         self._write_run_config()
-        logger = MetricsLogger(cfg.output_dir, self.is_main, cfg.max_steps, resume=cfg.resume)
+        logger = MetricsLogger(cfg.output_dir, self.is_main, cfg.max_steps, start_step=self.step)
+        for event in self.pending_events:
+            logger.event(**event)
         stop = StopRequest()
         LauncherWatch(stop)
         self.loader = self._loader()
         if self.is_main and self.step:
             print(f"[rils_scale] data resume: {self.loader.resume_mode}", flush=True)
+        from .rollback import SkippingBatches
+        batches = SkippingBatches(iter(self.loader), self.skip_windows, self.batches_consumed,
+                                  on_skip=lambda a, b, skipped: self._skipped_window(logger, a, b, skipped),
+                                  announce=self.is_main)
         try:
-            self._run_loop(logger, stop, iter(self.loader))
+            self._run_loop(logger, stop, batches)
         finally:  # a raising step must not leave workers that block this rank's exit
             self.loader.close()
+        if self.run_lock is not None:  # after the last save's barrier: every rank is done writing
+            self.run_lock.release()
+
+    def _skipped_window(self, logger: MetricsLogger, start: int, end: int, skipped: Dict[str, int]) -> None:
+        """--skip-batches: batches start..end-1 were read and dropped; the data position follows."""
+        self.batches_consumed = end
+        merge_skips(self.skipped, skipped)
+        logger.event("skip_batches", self.step + 1, start=start, end=end)
 
     def _run_loop(self, logger: MetricsLogger, stop: StopRequest, batches) -> None:
         cfg = self.cfg

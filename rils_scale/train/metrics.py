@@ -18,10 +18,72 @@ def _fmt_duration(seconds: float) -> str:
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
-class MetricsLogger:
-    """Appends one JSON object per logged step; mirrors scalars to TensorBoard."""
+METRICS = "metrics.jsonl"
+DISCARDED = "metrics.discarded.jsonl"
 
-    def __init__(self, output_dir: str, enabled: bool, max_steps: int, resume: bool = False):
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def trim_metrics(output_dir: str, step: int) -> int:
+    """Before a run (re)starts at ``step``: move the rows of later steps to ``metrics.discarded.jsonl``.
+
+    ``metrics.jsonl`` is only ever appended to, except here: after a kill (or a roll back) the
+    rows past the resumed step describe steps that will be trained again, and a step must not
+    be listed twice. They are appended to ``metrics.discarded.jsonl`` (fsynced) first, then the
+    kept rows replace ``metrics.jsonl`` atomically; a kill in between leaves a row in both files,
+    never in neither. A line that is not JSON (a row cut by the kill) goes to the discarded file
+    as ``{"unparseable": "<text>"}``. Event rows (``"event"``) follow the same rule by their
+    ``step``. Returns the number of rows moved.
+    """
+    path = os.path.join(output_dir, METRICS)
+    if not os.path.isfile(path):
+        return 0
+    with open(path, "rb") as f:
+        raw = f.read()
+    kept, dropped = [], []
+    for line in raw.decode("utf-8", errors="replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            later = isinstance(row, dict) and int(row.get("step", 0)) > step
+        except (ValueError, TypeError):
+            dropped.append(json.dumps({"unparseable": line}))
+            continue
+        (dropped if later else kept).append(line)
+    if not dropped and (not raw or raw.endswith(b"\n")):
+        return 0
+    if dropped:
+        with open(os.path.join(output_dir, DISCARDED), "a") as f:
+            f.write("".join(line + "\n" for line in dropped))
+            f.flush()
+            os.fsync(f.fileno())
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write("".join(line + "\n" for line in kept))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(output_dir)
+    return len(dropped)
+
+
+class MetricsLogger:
+    """Appends one JSON object per logged step (never truncates); mirrors scalars to TensorBoard.
+
+    ``start_step``: the step the run (re)starts from. Rows of later steps are moved aside first
+    (:func:`trim_metrics`), and TensorBoard is told to hide its events of steps after it
+    (``SummaryWriter(purge_step=start_step + 1)``: the old event files stay on disk, TensorBoard
+    drops their values from ``start_step + 1`` on when it reads the new file).
+    """
+
+    def __init__(self, output_dir: str, enabled: bool, max_steps: int, start_step: int = 0):
         self.enabled, self.max_steps = enabled, max_steps
         self.writer = None
         self.jsonl = None
@@ -29,11 +91,13 @@ class MetricsLogger:
         if not enabled:
             return
         os.makedirs(output_dir, exist_ok=True)
-        path = os.path.join(output_dir, "metrics.jsonl")
-        self.jsonl = open(path, "a" if resume else "w", buffering=1)
+        moved = trim_metrics(output_dir, start_step)
+        if moved:
+            print(f"[rils_scale] {moved} row(s) of {METRICS} after step {start_step} moved to {DISCARDED}", flush=True)
+        self.jsonl = open(os.path.join(output_dir, METRICS), "a", buffering=1)
         try:
             from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(os.path.join(output_dir, "tensorboard"))
+            self.writer = SummaryWriter(os.path.join(output_dir, "tensorboard"), purge_step=start_step + 1)
         except Exception as exc:  # tensorboard is a dependency, but never lose a run over it
             print(f"[rils_scale] TensorBoard disabled: {exc}", file=sys.stderr)
 
@@ -46,6 +110,11 @@ class MetricsLogger:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)):
                     self.writer.add_scalar(f"train/{key}", value, step)
+
+    def event(self, name: str, step: int, **fields) -> None:
+        """An event row (``{"event": name, "step": step, ...}``), in metrics.jsonl only."""
+        if self.enabled:
+            self.jsonl.write(json.dumps({"event": name, "step": step, **fields}) + "\n")
 
     def progress(self, step: int, m: Dict[str, float], steps_this_run: int) -> None:
         if not self.enabled:

@@ -7,8 +7,9 @@ TMPDIR (its "local disk"); the run directory is shared. Checked, in as few launc
 
 * node-level identity: the start-up log lists both nodes by host name, TP groups inside them;
 * a configuration whose TP groups would span nodes is refused before any compute;
-* the losses of the 2-node job equal a single-node 4-rank run's (same seeds, same data), across a
-  stop and an exact resume on the same layout;
+* the losses of the 2-node job equal a single-node 4-rank run's (same seeds, same data; to the
+  rounding of per-rank KL backend choices, see the tolerance below), across a stop and an exact
+  resume on the same layout;
 * killing one node's launcher ends the other node's ranks promptly, with a clear message and a
   checkpoint (the trainer's LauncherWatch + agreed stop), not after the collective time-out;
 * that checkpoint resumes on one node of 2 ranks (a lost node: DP 2 -> 1, TP 2): fp32 masters,
@@ -188,7 +189,7 @@ def test_two_nodes_match_one_node_stop_resume_and_lose_a_node(data, tmp_path):
         assert all(c != 0 for c in codes), texts
         for text in texts:
             assert "tensor-parallel groups would span nodes: ranks 0-1" in text, text[-3000:]
-        assert "model tiny" not in texts[0] and not os.path.exists(bad / "metrics.jsonl")
+        assert "[rils_scale] model tiny" not in texts[0] and not os.path.exists(bad / "metrics.jsonl")
 
         # 1. Reference: one node, 4 ranks, the same configuration.
         ref = tmp_path / "ref"
@@ -212,6 +213,7 @@ def test_two_nodes_match_one_node_stop_resume_and_lose_a_node(data, tmp_path):
         killed_at = time.time()
         procs[0].wait(timeout=HANG_GUARD)
         a_took = time.time() - killed_at
+        print(f"node A's launcher exited {a_took:.1f} s after node B's launcher was killed")
         deadline = time.time() + HANG_GUARD
         while any(_alive(p) for p in b_tree) and time.time() < deadline:
             time.sleep(0.2)
@@ -244,11 +246,16 @@ def test_two_nodes_match_one_node_stop_resume_and_lose_a_node(data, tmp_path):
         assert f"resumed from {tag} at step {stopped}" in texts[0] and "data resume: exact" in texts[0]
         rows = _rows(run)
         assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
-        # fp32, the same seeds, data and world size: the same gloo reductions in the same order, so
-        # equal up to a few ulps (rel 1e-6 leaves room for summation-order differences, nothing else).
+        # fp32, the same seeds, data and world size, the same gloo reductions. Not bitwise: the KL
+        # backend (`--kl-backend auto`, kept so that the node-local selection cache is exercised) is
+        # chosen per rank by timing, and the ranks of the two runs pick `streaming` or
+        # `streaming_chunked` independently; the two differ in fp32 summation order (~1e-7 per call),
+        # which six steps of Adam amplify to <= 1e-5 relative (measured: 9.3e-6 on recon_loss at step 5,
+        # 7e-7 on the loss). A layout bug (data dealt wrongly, a TP group or DP gather over the wrong
+        # ranks) moves the losses by 1e-2 or more. Hence rel 1e-4.
         for a, b in zip(reference, rows):
             for key in ("loss", "clip_loss", "recon_loss", "lr"):
-                assert b[key] == pytest.approx(a[key], rel=1e-6, abs=1e-7), (a["step"], key, a[key], b[key])
+                assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (a["step"], key, a[key], b[key])
 
         # Node-local state, once per node: each node's TMPDIR holds its own KL selection cache; CPU
         # ranks build no CUDA extension; nothing of the kind lands in the shared run directory.

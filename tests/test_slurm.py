@@ -62,7 +62,10 @@ def _submit(cluster, data, out, log, env=None):
             "--precision", "fp32", "--model", "tiny", "--train-data", data["train"], "--tokenizer", data["tokenizer"],
             "--output-dir", str(out), "--tensor-parallel", "2", "--micro-batch-size", "4", "--num-workers", "0",
             "--shuffle-buffer", "8", "--warmup-steps", "2", "--max-steps", "6", "--log-every", "1", "--seed", "7",
-            "--save-every", "100", "--collective-timeout-s", "120"]
+            "--save-every", "100", "--collective-timeout-s", "120",
+            # `auto` picks a KL backend per rank by timing (cached in the node's shared /tmp): two jobs may
+            # pick differently and differ in fp32 rounding. Pinned, the requeued job must match to 1e-6.
+            "--kl-backend", "streaming"]
     port = find_free_port()
     return cluster.sbatch(args, cwd=REPO, env={"MASTER_PORT": str(port), **(env or {})}), port
 

@@ -30,8 +30,6 @@ import torch
 
 from distributed_utils import find_free_port
 
-pytestmark = pytest.mark.slow
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRETRAIN = os.path.join(REPO, "launchers", "pretrain.py")
 FIXTURE = os.path.join(REPO, "tests", "fixtures", "faulty_pretrain.py")
@@ -171,6 +169,7 @@ def test_slurm_variables_become_deepspeed_variables():
     assert adopt_slurm_env(batch_shell) == {} and "RANK" not in batch_shell
 
 
+@pytest.mark.slow
 def test_two_nodes_match_one_node_stop_resume_and_lose_a_node(data, tmp_path):
     uts = _uts_namespaces()
     hostfile = tmp_path / "hostfile"

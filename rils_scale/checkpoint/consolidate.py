@@ -330,9 +330,10 @@ class Checkpoint:
                 meta = json.load(f)
             return dict(meta.get("client_state", {})), meta.get("lr_scheduler")
         states = load_ds_file(self.files.model_files[0][0], trusted=self.trusted)
-        client = {k: v for k, v in states.items() if k in ("step", "batches_consumed", "skipped", "model_config",
-                                                           "tensor_parallel", "global_steps", "global_samples",
-                                                           "tokenizer_sha256", "skip_batches", "rollbacks")}
+        client = {k: v for k, v in states.items() if k in ("step", "batches_consumed", "skipped", "nonfinite_steps",
+                                                           "model_config", "tensor_parallel", "global_steps",
+                                                           "global_samples", "tokenizer_sha256", "skip_batches",
+                                                           "rollbacks")}
         declared = client.get("tensor_parallel")
         if declared is not None and int(declared) != self.files.tp_size:
             raise CheckpointError(f"{self.ref.path}: client state says TP={declared} but files exist for "

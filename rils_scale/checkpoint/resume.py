@@ -1,8 +1,12 @@
-"""Resume training from a weights-only checkpoint (``convert_checkpoint.py --format deepspeed``).
+"""Resume training from full (TP-local) tensors instead of DeepSpeed's own partitions:
 
-Called by :meth:`rils_scale.train.loop.Trainer.maybe_resume` when the newest tag holds
-``rils_weights.json``. Works for any ZeRO stage and any DP size, on the TP size the
-checkpoint was written for:
+* a weights-only checkpoint (``convert_checkpoint.py --format deepspeed``,
+  :func:`load_weights_only_checkpoint`), when the newest tag holds ``rils_weights.json``;
+* the trainer's own ZeRO-3 checkpoint on another data-parallel size (a lost node, a larger
+  allocation: :func:`load_zero3_on_another_dp`), read from every old DP partition.
+
+Both call :func:`load_full_state`. Works for any ZeRO stage and any DP size of this run, on the
+TP size the checkpoint was written for:
 
 1. every module's parameters are loaded inside ``deepspeed.zero.GatheredParameters(...,
    modifier_rank=0)`` (DESIGN §7: under ZeRO-3 a parameter is an empty partition outside
@@ -19,13 +23,13 @@ checkpoint was written for:
    size) and Adam's step count is restored: an elastic resume on another DP x TP layout. Without
    it the moments stay at their fresh zero state (docs/checkpoints.md).
 
-Every rank reads the file of its own TP rank.
+Every rank reads the files of its own TP rank.
 """
 from __future__ import annotations
 
 import json
 import os
-from typing import Optional, Tuple
+from typing import Callable, Optional, Set, Tuple
 
 import torch
 
@@ -54,8 +58,6 @@ def load_weights_only_checkpoint(engine, checkpoints_dir: str, tp_rank: int, tp_
     with a clear message when the checkpoint was written for another TP size or does not
     match the model.
     """
-    import deepspeed
-
     tag_dir = weights_only_tag(checkpoints_dir) if tag is None else os.path.join(checkpoints_dir, tag)
     if tag_dir is None or not weights_only_tag_dir(tag_dir):
         raise SystemExit(f"{checkpoints_dir}: {tag or 'latest'} is not a weights-only checkpoint")
@@ -68,43 +70,97 @@ def load_weights_only_checkpoint(engine, checkpoints_dir: str, tp_rank: int, tp_
     path = os.path.join(tag_dir, meta["files"][tp_rank])
     optim = meta.get("optimizer") if isinstance(meta.get("optimizer"), dict) else None
     moments = _open_safetensors(os.path.join(tag_dir, optim["files"][tp_rank])) if optim else None
-    if optim is not None:
+    client = dict(meta.get("client_state", {}))
+    with _open_safetensors(path) as f:
+        load_full_state(engine, path, set(f.keys()), f.get_tensor,
+                        lambda kind, name: moments.get_tensor(f"{kind}.{name}"),
+                        tuple(optim["kinds"]) if optim else (), optim.get("step") if optim else None,
+                        client, meta.get("lr_scheduler"))
+    return tag_dir, client
+
+
+def load_zero3_on_another_dp(engine, tag_dir: str, tp_rank: int, tp_size: int,
+                             trusted: bool = False) -> Tuple[str, dict]:
+    """Resume a trainer's own ZeRO-3 checkpoint on another data-parallel size, same TP size.
+
+    DeepSpeed refuses this ("Automatic adjustment of ZeRO's optimizer state partitioning with
+    a new world size is not currently supported"). Each rank reads, for its TP rank, every
+    parameter's fp32 master and both Adam moments from all the old DP partitions
+    (:mod:`.consolidate`'s ZeRO-3 reader: the allowlisting unpickler, memory-mapped, one tensor
+    at a time) and sets its own new partition, exactly as a converted checkpoint is loaded.
+    Cost: every rank reads its TP rank's whole optimizer state (12 bytes per TP-local
+    parameter) instead of its own partition.
+    """
+    from .consolidate import OPTIMIZER_KINDS, open_checkpoint
+    from .layout import CheckpointError
+    try:
+        ckpt = open_checkpoint(tag_dir, trusted=trusted)
+    except CheckpointError as err:
+        raise SystemExit(f"--resume: {err}") from None
+    if ckpt.kind != "zero3":
+        raise SystemExit(f"--resume: {tag_dir} is a {ckpt.kind} checkpoint of DP {ckpt.dp_size}; only ZeRO-3 "
+                         "checkpoints resume on another DP size directly. Convert it with "
+                         "launchers/convert_checkpoint.py --format deepspeed --weights-only (ZeRO-1/2 Adam moments "
+                         "are not converted), or resume on the DP size it was written with")
+    if ckpt.tp_size != tp_size:
+        raise SystemExit(f"checkpoint was written with --tensor-parallel {ckpt.tp_size}, this run uses {tp_size}: "
+                         "convert it with launchers/convert_checkpoint.py --format deepspeed --tensor-parallel N")
+    reader = ckpt.readers[tp_rank]
+    kinds = OPTIMIZER_KINDS if reader.has_optimizer_state() else ()
+    produced = [0]
+
+    def weight(name, kind="fp32"):
+        value = reader.get(name, kind)
+        produced[0] += value.numel() * 4
+        if produced[0] > 256 * 2 ** 20:  # drop the file mappings now and then (pages already read)
+            reader.release()
+            produced[0] = 0
+        return value
+    client = dict(ckpt.client_state)
+    load_full_state(engine, tag_dir, set(reader.names()), weight, lambda kind, name: weight(name, kind), kinds,
+                    reader.optimizer_step() if kinds else None, client, ckpt.lr_scheduler)
+    reader.release()
+    return tag_dir, client
+
+
+def load_full_state(engine, source: str, stored: Set[str], weight: Callable[[str], torch.Tensor],
+                    moment: Callable[[str, str], torch.Tensor], kinds: Tuple[str, ...], adam_step: Optional[int],
+                    client: dict, lr_scheduler: Optional[dict]) -> None:
+    """Set every parameter of ``engine`` (its TP-local full value ``weight(name)``), the fp32 master
+    copies, Adam's ``kinds`` moments (``moment(kind, name)``) and step, the LR schedule's position
+    and the engine's step counters. ``source`` names the checkpoint in messages."""
+    import deepspeed
+
+    if kinds:
         _ensure_adam_state(engine)
     module = engine.module
-    with _open_safetensors(path) as f:
-        stored = set(f.keys())
-        expected = {n for n, _ in module.named_parameters()}
-        if stored != expected:
-            missing, extra = sorted(expected - stored)[:5], sorted(stored - expected)[:5]
-            raise SystemExit(f"{path} does not match the model: missing {missing}, unexpected {extra}")
-        for prefix, sub in module.named_modules():
-            params = list(sub.named_parameters(recurse=False))
-            if not params:
-                continue
-            values = {n: f.get_tensor(f"{prefix}.{n}" if prefix else n) for n, _ in params}
-            with deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=0):
-                for n, p in params:
-                    value = values[n]
-                    if tuple(p.shape) != tuple(value.shape):
-                        raise SystemExit(f"{prefix}.{n}: checkpoint shape {tuple(value.shape)}, model {tuple(p.shape)}")
-                    p.data.copy_(value.to(device=p.device, dtype=p.dtype))
-            for n, p in params:  # the optimizer's fp32 master copy (no-op for plain fp32 ZeRO-0)
-                _set_full_hp(p, values[n], None)
-                if moments is not None:
-                    name = f"{prefix}.{n}" if prefix else n
-                    for kind in optim["kinds"]:
-                        _set_full_hp(p, moments.get_tensor(f"{kind}.{name}"), kind)
-    if optim is not None and optim.get("step") is not None:
-        _set_adam_step(engine, int(optim["step"]))
-
-    client = dict(meta.get("client_state", {}))
-    _restore_schedule_position(engine, meta.get("lr_scheduler"), int(client.get("step", 0)))
-    # The optimizer itself (Adam moments and their step count) stays exactly as in a fresh run.
+    expected = {n for n, _ in module.named_parameters()}
+    if stored != expected:
+        missing, extra = sorted(expected - stored)[:5], sorted(stored - expected)[:5]
+        raise SystemExit(f"{source} does not match the model: missing {missing}, unexpected {extra}")
+    for prefix, sub in module.named_modules():
+        params = list(sub.named_parameters(recurse=False))
+        if not params:
+            continue
+        values = {n: weight(f"{prefix}.{n}" if prefix else n) for n, _ in params}
+        with deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=0):
+            for n, p in params:
+                value = values[n]
+                if tuple(p.shape) != tuple(value.shape):
+                    raise SystemExit(f"{prefix}.{n}: checkpoint shape {tuple(value.shape)}, model {tuple(p.shape)}")
+                p.data.copy_(value.to(device=p.device, dtype=p.dtype))
+        for n, p in params:  # the optimizer's fp32 master copy (no-op for plain fp32 ZeRO-0)
+            _set_full_hp(p, values[n], None)
+            name = f"{prefix}.{n}" if prefix else n
+            for kind in kinds:
+                _set_full_hp(p, moment(kind, name), kind)
+    if kinds and adam_step is not None:
+        _set_adam_step(engine, int(adam_step))
+    _restore_schedule_position(engine, lr_scheduler, int(client.get("step", 0)))
     step = int(client.get("step", 0))
     engine.global_steps = step
     engine.global_samples = int(client.get("batches_consumed", step)) * engine.train_micro_batch_size_per_gpu() \
         * getattr(engine, "dp_world_size", 1)
-    return tag_dir, client
 
 
 def _open_safetensors(path: str):

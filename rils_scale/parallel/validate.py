@@ -6,7 +6,7 @@ inside model construction on every rank (or, worse, after minutes of ZeRO-3 init
 """
 from __future__ import annotations
 
-from typing import Any, List
+from typing import Any, List, Sequence
 
 from .sharding import padded_size
 
@@ -83,3 +83,49 @@ def validate_parallel_config(model_cfg, dims) -> List[str]:
                          f"(world {world}, tensor parallel {tp}, sequence parallel {sp}):\n  - "
                          + "\n  - ".join(problems))
     return notes
+
+
+def _rank_ranges(ranks: List[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2, 5'."""
+    out, start = [], None
+    for i, r in enumerate(ranks):
+        if start is None:
+            start = r
+        if i + 1 == len(ranks) or ranks[i + 1] != r + 1:
+            out.append(f"{start}" if start == r else f"{start}-{r}")
+            start = None
+    return ", ".join(out)
+
+
+def validate_node_layout(nodes: Sequence[str], tensor_parallel: int) -> None:
+    """Raise ``ValueError`` unless every TP group lies inside one node.
+
+    ``nodes[r]`` names the node of global rank ``r`` (:func:`rils_scale.parallel.topology.node_identity`,
+    gathered from every rank). TP groups are the consecutive blocks of ``tensor_parallel`` ranks
+    (``state.py``); their all-reduces run in every layer, so a group split over two nodes would
+    move activations over the inter-node network at every block. Launchers number ranks node by
+    node, so this fails when TP does not divide the ranks of every node (2 ranks per node with
+    TP 4, uneven node sizes) or when ranks are dealt round-robin over nodes (``srun -m cyclic``).
+    """
+    tp = max(1, int(tensor_parallel))
+    world = len(nodes)
+    if tp == 1 or world % tp:
+        return  # TP 1 never spans; a world not divisible by TP is validate_parallel_config's error
+    spanning = [list(range(s, s + tp)) for s in range(0, world, tp) if len(set(nodes[s:s + tp])) > 1]
+    if not spanning:
+        return
+    order: List[str] = []
+    for n in nodes:
+        if n not in order:
+            order.append(n)
+    per_node = "; ".join(f"{n}: ranks {_rank_ranges([r for r in range(world) if nodes[r] == n])}" for n in order)
+    shown = ", ".join(f"{g[0]}-{g[-1]} on {' + '.join(dict.fromkeys(nodes[r] for r in g))}" for g in spanning[:4])
+    more = f" (and {len(spanning) - 4} more)" if len(spanning) > 4 else ""
+    sizes = sorted({sum(1 for x in nodes if x == n) for n in order})
+    raise ValueError(
+        f"--tensor-parallel {tp}: tensor-parallel groups would span nodes: ranks {shown}{more}. "
+        f"TP groups are {tp} consecutive ranks and must sit inside one node (their all-reduces run in "
+        f"every layer). Nodes: {per_node}. Use a TP size that divides the ranks of every node "
+        f"(ranks per node here: {', '.join(map(str, sizes))}), start the same number of ranks on every "
+        "node, and number ranks node by node (DeepSpeed's hostfile launcher and srun's default block "
+        "distribution do).")

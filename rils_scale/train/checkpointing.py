@@ -19,7 +19,8 @@ and the cause; the trainer exits non-zero; the previous tag and ``latest`` are u
 ``resume`` loads the tag chosen by ``integrity.resume_tag`` (``latest`` when complete, else the
 newest complete tag, or ``--resume-from``): weights-only tags (converter outputs) through
 ``checkpoint.resume``, DeepSpeed tags through ``engine.load_checkpoint`` with the allowlisting
-reader of ``checkpoint.safe_load`` installed first (``--trust-pickle`` to opt out).
+reader of ``checkpoint.safe_load`` installed first (``--trust-pickle`` to opt out), and ZeRO-3
+tags written on another DP size (a lost node) through ``checkpoint.resume.load_zero3_on_another_dp``.
 """
 from __future__ import annotations
 
@@ -100,7 +101,7 @@ def save(trainer, client_state: dict, write_extra: Optional[Callable[[str], None
 
 def resume(trainer, tag: Optional[str] = None) -> Optional[ResumePoint]:
     """Load ``tag`` (default: ``integrity.resume_tag``) into ``trainer.engine``; ``None`` if there is none."""
-    from ..checkpoint.resume import load_weights_only_checkpoint, weights_only_tag_dir
+    from ..checkpoint.resume import load_weights_only_checkpoint, load_zero3_on_another_dp, weights_only_tag_dir
     from ..checkpoint.safe_load import UnsafeCheckpointError, install_safe_checkpoint_engine
 
     directory = os.path.join(trainer.cfg.output_dir, "checkpoints")
@@ -115,6 +116,9 @@ def resume(trainer, tag: Optional[str] = None) -> Optional[ResumePoint]:
     if weights_only_tag_dir(tag_dir):  # written by convert_checkpoint.py --format deepspeed
         path, client = load_weights_only_checkpoint(trainer.engine, directory, trainer.state.tp_rank,
                                                     trainer.state.tp_size, tag=tag)
+    elif _layout_differs(trainer, tag_dir):  # e.g. a lost node: DeepSpeed cannot re-partition ZeRO state
+        path, client = load_zero3_on_another_dp(trainer.engine, tag_dir, trainer.state.tp_rank,
+                                                trainer.state.tp_size, trusted=trainer.cfg.trust_pickle)
     else:
         install_safe_checkpoint_engine(trainer.engine, trusted=trainer.cfg.trust_pickle)
         try:
@@ -124,3 +128,29 @@ def resume(trainer, tag: Optional[str] = None) -> Optional[ResumePoint]:
     if path is None:
         raise SystemExit(f"could not load the checkpoint {tag_dir}")
     return ResumePoint(path=tag_dir, tag=tag, step=int(client["step"]), client_state=client)
+
+
+def _layout_differs(trainer, tag_dir: str) -> bool:
+    """True (and says so) when ``tag_dir`` was written on another DP size than this run's.
+
+    Another TP size is refused here with the converter's command (DeepSpeed would fail later with
+    a less helpful message)."""
+    from ..checkpoint.layout import CheckpointError, discover_files
+    try:
+        files = discover_files(tag_dir)
+    except CheckpointError as err:
+        raise SystemExit(f"--resume: {err}") from None
+    if files.kind == "zero0":
+        return False  # full weights and optimizer per TP rank: DeepSpeed loads them on any DP size
+    if files.tp_size != trainer.state.tp_size:
+        raise SystemExit(f"checkpoint {tag_dir} was written with --tensor-parallel {files.tp_size}, this run uses "
+                         f"{trainer.state.tp_size}: convert it with launchers/convert_checkpoint.py --format deepspeed "
+                         "--tensor-parallel N")
+    if files.dp_size == trainer.state.dp_size:
+        return False
+    if trainer.is_main:
+        print(f"[rils_scale] elastic resume: {os.path.basename(tag_dir)} was written by DP {files.dp_size} x TP "
+              f"{files.tp_size}, this run is DP {trainer.state.dp_size} x TP {trainer.state.tp_size}: fp32 masters, "
+              f"Adam moments and step are read from all {files.dp_size} old partitions; the data position is "
+              "re-dealt (docs/clusters.md)", flush=True)
+    return True

@@ -111,13 +111,17 @@ class Trainer:
 
     def _validate(self) -> None:
         """Every problem of the model x parallel layout in one message, before any compute."""
-        from ..parallel.validate import validate_parallel_config
+        from ..parallel.topology import describe_nodes, gather_node_identities
+        from ..parallel.validate import validate_node_layout, validate_parallel_config
+        nodes = gather_node_identities()  # every rank gets every rank's node: all refuse together
         try:
             notes = validate_parallel_config(self.model_cfg, {
                 "world_size": self.world, "tensor_parallel": self.cfg.tensor_parallel,
                 "sequence_parallel": self.cfg.sequence_parallel})
+            validate_node_layout(nodes, self.cfg.tensor_parallel)
         except ValueError as err:
             raise SystemExit(f"invalid configuration: {err}") from None
+        notes = notes + [describe_nodes(nodes)] if len(set(nodes)) > 1 else notes
         for note in notes if self.is_main else ():
             log.info(note)
 
@@ -306,7 +310,7 @@ class Trainer:
             m = self.train_step(batches)
             if not m.pop("step_applied"):
                 if stop.agreed():  # a skipped step leaves the last checkpoint as it is
-                    exit_reason = f"signal {stop.signal_name or '(peer)'}"
+                    exit_reason = stop.describe()
                     break
                 continue
             self.step += 1
@@ -330,7 +334,7 @@ class Trainer:
                 self._visualize(logger)
             stopping = stop.agreed()
             if stopping:
-                exit_reason = f"signal {stop.signal_name or '(peer)'}"
+                exit_reason = stop.describe()
             elif cfg.exit_after_steps and steps_this_run >= cfg.exit_after_steps and self.step < cfg.max_steps:
                 stopping, exit_reason = True, f"--exit-after-steps {cfg.exit_after_steps}"
             final = self.step == cfg.max_steps and not cfg.no_final_checkpoint
@@ -395,6 +399,8 @@ def train(cfg: TrainConfig) -> None:
     import warnings
     # DeepSpeed 0.19 calls collectives that torch 2.14 renamed; the warning repeats every step.
     warnings.filterwarnings("ignore", message=r".*`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
+    from .launch_env import adopt_slurm_env
+    adopt_slurm_env()  # ranks started by srun: RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_SIZE from Slurm's variables
     logging.basicConfig(level=logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING,
                         format="[%(asctime)s] %(name)s: %(message)s")
     _run_or_exit(cfg)

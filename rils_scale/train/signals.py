@@ -9,6 +9,9 @@ import time
 from ..parallel import comm
 
 
+LAUNCHER_EXITED = "launcher exited"
+
+
 class StopRequest:
     """SIGTERM / SIGUSR1 set a flag; the loop checkpoints at the next step boundary and exits.
 
@@ -16,9 +19,13 @@ class StopRequest:
     ranks (or reached them at different steps) still stops everyone at the same step.
     """
 
+    REASONS = ("SIGTERM", "SIGUSR1", LAUNCHER_EXITED)
+    """Stop reasons in the order of the code all-reduced by :meth:`agreed` (the highest wins)."""
+
     def __init__(self):
         self.requested = False
         self.signal_name = None
+        self.agreed_reason = None  # what the ranks agreed on (maybe another rank's reason)
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._handler)
 
@@ -26,8 +33,23 @@ class StopRequest:
         self.requested = True
         self.signal_name = signal.Signals(signum).name
 
+    def _code(self) -> int:
+        if not self.requested:
+            return 0
+        return 1 + (self.REASONS.index(self.signal_name) if self.signal_name in self.REASONS else len(self.REASONS))
+
     def agreed(self) -> bool:
-        return comm.any_rank(self.requested)
+        """One MAX all-reduce of a reason code: every rank learns that, and why, some rank stops."""
+        code = int(comm.all_reduce_values([self._code()], comm.world_group(), "max")[0])
+        if code:
+            self.agreed_reason = self.REASONS[code - 1] if code <= len(self.REASONS) else "stop request"
+        return code > 0
+
+    def describe(self) -> str:
+        """For the final log line: ``signal SIGUSR1``, ``launcher exited``, ``... on another rank``."""
+        reason = self.signal_name if self.requested else self.agreed_reason
+        text = reason if reason == LAUNCHER_EXITED else f"signal {reason}"
+        return text if self.requested else f"{text} on another rank"
 
 
 class DataWaitWatchdog:
@@ -106,5 +128,5 @@ class LauncherWatch:
             time.sleep(self.interval)
             if os.getppid() != self.ppid or not all(self._alive(p) for p in self.pids):
                 self.stop.requested = True
-                self.stop.signal_name = self.stop.signal_name or "launcher exited"
+                self.stop.signal_name = self.stop.signal_name or LAUNCHER_EXITED
                 return

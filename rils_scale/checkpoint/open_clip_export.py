@@ -38,11 +38,11 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from ..models.vision import sincos_2d_position_embedding
-from .export import (_copy_tokenizer, _image_config, _prepare_dir, _timm_entries, iter_timm_tensors,
-                     text_activation, timm_hub_config, vision_activation)
+from .export_common import _copy_tokenizer, _image_config, _prepare_dir, text_activation, vision_activation
 from .layout import CheckpointError
 from .serialization import StreamingSafetensorsWriter, write_json
 from .sources import Source
+from .timm_format import _timm_entries, iter_timm_tensors, timm_hub_config
 
 OPEN_CLIP_CONFIG = "open_clip_config.json"
 OPEN_CLIP_WEIGHTS = "open_clip_model.safetensors"  # the first name open_clip's local-dir loader looks for

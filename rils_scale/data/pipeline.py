@@ -38,7 +38,7 @@ import time
 import weakref
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -49,35 +49,12 @@ from .decode import (MISSING_IMAGE, TRUNCATED_SAMPLE, BadSample, decode_caption,
                      find_image_member)
 from .seeding import sample_seed
 from .sources import SKIP_KEY, check_local_shards_exist, expand_urls, iter_tar_samples
+from .stream_state import StreamState
 from .tokenizer import Tokenizer
 from .transforms import CropResize, eval_transform
 
 WORKER_SIGTERM_GRACE_S = 60
 """A DataLoader worker outlives SIGTERM by at most this long (see ``_worker_init``)."""
-
-
-@dataclass
-class StreamState:
-    """Position of one stream after a batch; JSON-serialisable (``vars`` / ``from_json``; per batch the
-    loader serialises ``vars(snapshot)``: ``asdict``'s recursive deep copy cost 0.2 ms per sample)."""
-
-    epoch: int
-    cursor: int = 0
-    """Index of the current work item (shard) in this epoch's list."""
-    offset: int | None = None
-    """Byte offset of the next sample inside the current item; None: the item's start."""
-    taken: int = 0
-    """Samples already taken from the current item (for items with a limit)."""
-    buffer: list = field(default_factory=list)
-    """Shuffle buffer contents, in buffer order, as ``[shard url, sample offset]`` references."""
-    rng: list | None = None
-    """``random.Random.getstate()`` of the shuffle RNG; None: the epoch's fresh seed."""
-    items: list | None = None
-    """``[[url, start offset, max samples or None], ...]`` of this epoch; None: the regular deal."""
-
-    @classmethod
-    def from_json(cls, value: dict) -> "StreamState":
-        return cls(**value)
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="TP size of the --format deepspeed output (required for that format)")
     p.add_argument("--vision-tower", default="auto", choices=("auto", "native", "timm"),
                    help="--format open_clip: OpenCLIP's own ViT (native), a timm trunk (timm), or native unless "
-                        "the towers' activations differ (auto; OpenCLIP has one quick_gelu flag)")
+                        "the towers' activations differ (auto; OpenCLIP has one quick_gelu flag). A timm trunk is "
+                        "named by its timm architecture when one has the encoder's shape (presets small and up: "
+                        "the folder is relocatable), else by the absolute path of OUT/timm_trunk (see "
+                        "docs/checkpoints.md)")
     p.add_argument("--tokenizer", default=None, help="tokenizer.model to ship (default: the run's copy)")
     p.add_argument("--replica-tolerance", type=float, default=0.0,
                    help="max abs difference accepted between TP copies of a replicated parameter "
@@ -82,8 +85,11 @@ def main(argv=None) -> int:
     except (CheckpointError, FileNotFoundError, RuntimeError) as err:
         print(f"convert_checkpoint.py: error: {err}", file=sys.stderr)
         return 1
+    warning = written.pop("warning", None)
     for key, value in written.items():
         print(f"[convert] wrote {key}: {value}")
+    if warning:
+        print(f"[convert] warning: {warning}", file=sys.stderr)
     print(f"[convert] {args.format} export done in {time.time() - start:.1f}s -> {os.path.abspath(args.output)}")
     return 0
 

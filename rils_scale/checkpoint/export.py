@@ -61,6 +61,7 @@ def export_timm(source: Source, output_dir: str, *, overwrite: bool = False) -> 
     write_json(os.path.join(output_dir, "config.json"), hub)
     write_json(os.path.join(output_dir, "timm_config.json"), {
         "architecture": hub["architecture"],
+        "architecture_note": hub["architecture_note"],
         "model_kwargs": timm_model_kwargs(cfg),
         "usage": ("timm.create_model('local-dir:' + DIR, pretrained=True) (config.json); or "
                   "timm.models.vision_transformer.VisionTransformer(**cfg['model_kwargs']) + "

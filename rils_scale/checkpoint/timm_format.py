@@ -109,6 +109,69 @@ def iter_timm_tensors(source: Source) -> Iterator[Tuple[str, torch.Tensor]]:
             yield target, (tensor.t().contiguous() if target == "head.weight" else tensor)
 
 
+# timm's registered ViTs (``timm/models/vision_transformer.py``) whose builder, with timm's
+# VisionTransformer defaults (cls token, learned position table, qkv bias, pre-norm blocks, final
+# LayerNorm eps 1e-6, exact GELU, no layer scale), is the RILS encoder of this shape:
+# (patch, width, depth, heads, MLP hidden, image size). tests/test_checkpoint_portability.py
+# builds each one with timm and compares it with VisionTransformer(**timm_model_kwargs(...)).
+TIMM_REGISTRY_VITS = {
+    "vit_tiny_patch16_224": (16, 192, 12, 3, 768, 224),
+    "vit_tiny_patch16_384": (16, 192, 12, 3, 768, 384),
+    "vit_small_patch8_224": (8, 384, 12, 6, 1536, 224),
+    "vit_small_patch16_224": (16, 384, 12, 6, 1536, 224),
+    "vit_small_patch16_384": (16, 384, 12, 6, 1536, 384),
+    "vit_small_patch32_224": (32, 384, 12, 6, 1536, 224),
+    "vit_base_patch8_224": (8, 768, 12, 12, 3072, 224),
+    "vit_base_patch16_224": (16, 768, 12, 12, 3072, 224),
+    "vit_base_patch16_384": (16, 768, 12, 12, 3072, 384),
+    "vit_base_patch32_224": (32, 768, 12, 12, 3072, 224),
+    "vit_large_patch14_224": (14, 1024, 24, 16, 4096, 224),
+    "vit_large_patch16_224": (16, 1024, 24, 16, 4096, 224),
+    "vit_large_patch16_384": (16, 1024, 24, 16, 4096, 384),
+    "vit_huge_patch14_224": (14, 1280, 32, 16, 5120, 224),
+    "vit_giant_patch14_224": (14, 1408, 40, 16, 6144, 224),
+}
+
+
+def _shape(cfg: RILSConfig) -> Tuple[int, int, int, int, int, int]:
+    v = cfg.vision
+    return (v.patch_size, v.width, v.depth, v.heads, v.mlp_hidden, v.image_size)
+
+
+def timm_registry_name(cfg: RILSConfig) -> Optional[str]:
+    """The timm architecture that *is* this vision encoder when built by name alone (no
+    ``model_args``), or None. Such a name needs no path: OpenCLIP can build the trunk from it."""
+    if vision_activation(cfg) != "gelu" or abs(cfg.vision.layer_norm_eps - 1e-6) > 1e-12:
+        return None
+    shape = _shape(cfg)
+    return next((name for name, s in TIMM_REGISTRY_VITS.items() if s == shape), None)
+
+
+def timm_architecture(cfg: RILSConfig) -> Tuple[str, bool]:
+    """``(name, exact)``: the registered architecture timm builds the encoder from. timm's hub
+    config must name a registered builder; ``model_args`` then override every structural value.
+    When no builder has this shape, the nearest one (width, then depth, patch, image size) is
+    named and ``exact`` is False: the config says so next to the name."""
+    name = timm_registry_name(cfg)
+    if name is not None:
+        return name, True
+    patch, width, depth, _, _, size = _shape(cfg)
+
+    def distance(item):
+        p, w, d, _, _, s = item[1]
+        return (abs(w - width), abs(d - depth), abs(p - patch), abs(s - size))
+
+    return min(TIMM_REGISTRY_VITS.items(), key=distance)[0], False
+
+
+def describe_vision(cfg: RILSConfig) -> str:
+    """A name-free description of the encoder's shape, for configs and messages."""
+    v = cfg.vision
+    return (f"RILS ViT encoder ({cfg.name} preset): {v.depth} blocks, width {v.width}, {v.heads} heads, "
+            f"MLP {v.mlp_hidden}, {v.patch_size} px patches, {v.image_size} px images, "
+            f"{vision_activation(cfg).replace('_', ' ')}")
+
+
 def timm_hub_config(cfg: RILSConfig, source: Optional[Source] = None) -> dict:
     """timm's hub ``config.json``: what ``timm.create_model("local-dir:DIR")`` reads.
 
@@ -116,13 +179,21 @@ def timm_hub_config(cfg: RILSConfig, source: Optional[Source] = None) -> dict:
     is left to ``pretrained_cfg`` so that passing ``num_classes=N`` makes timm drop the
     ``head`` (the image projection) and build a fresh one; ``pretrained_cfg`` carries the
     evaluation transform the model was trained with, which ``resolve_data_config`` returns.
+    ``architecture`` is a registered timm builder (timm cannot build anything else); when no
+    builder has the encoder's shape, ``architecture_note`` says that the name is only the
+    builder and what the model is. ``model(x)`` without ``num_classes`` is the image
+    projection (``embed_dim`` outputs, timm's convention for CLIP image towers), not a classifier.
     """
     kwargs = timm_model_kwargs(cfg)
+    architecture, exact = timm_architecture(cfg)
     kwargs.pop("num_classes")
     image = _image_config(cfg)
     size = image["size"]
     out = {
-        "architecture": "vit_base_patch16_224",
+        "architecture": architecture,
+        "architecture_note": (f"{architecture} is this model's own timm architecture" if exact else
+                              f"not a {architecture}: timm builds that registered architecture with model_args "
+                              f"overriding every structural value, giving the {describe_vision(cfg)}"),
         "num_classes": cfg.embed_dim,
         "num_features": cfg.vision.width,
         "global_pool": "avg",
@@ -134,6 +205,9 @@ def timm_hub_config(cfg: RILSConfig, source: Optional[Source] = None) -> dict:
             "first_conv": "patch_embed.proj", "classifier": "head",
         },
     }
+    out["head_note"] = (f"head = the RILS image projection ({cfg.vision.width} -> {cfg.embed_dim}, the CLIP "
+                        "image embedding), not a classifier: pass num_classes=N for a fresh N-way head, or "
+                        "num_classes=0 for the pooled encoder features")
     if source is not None:
         out["rils_source"] = source.describe()
     return out

@@ -8,7 +8,8 @@ Steps (each one a command you can also run by hand; the demo prints them):
      image, captions naming them, per-object masks in each sample's JSON)
   2. train a SentencePiece tokenizer on the training captions
   3. pre-train the `tiny` preset with `deepspeed --num_gpus 2 launchers/pretrain.py
-     --ds_config ds_configs/zero3.json` (two CPU ranks: ZeRO-3 over gloo, bf16)
+     --ds_config ds_configs/zero3.json` (two CPU ranks: ZeRO-3 over gloo; fp32 unless the CPU
+     has native bf16, see `rils_scale/train/precision.py`)
   4. convert the DeepSpeed checkpoint to the `rils` format
   5. evaluate held-out zero-shot classification, localisation (the fraction of each object's
      patches whose most similar phrase, among the image's object phrases, is its own), and

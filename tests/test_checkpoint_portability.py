@@ -26,45 +26,9 @@ import sys
 import pytest
 import torch
 
+from random_models import config as _config, rils_dir as _rils_dir, tokenizer as _tokenizer
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _tokenizer(tmp_path):
-    from rils_scale.data.tokenizer import Tokenizer, train_tokenizer
-    words = ["red", "green", "blue", "circle", "square", "triangle", "left", "of", "a", "the", "two", "small"]
-    captions = [f"a {a} {b} left of the {c} {d}" for a in words[:3] for b in words[3:6] for c in words[:3]
-                for d in words[3:6]] * 4
-    path = train_tokenizer(captions, tmp_path / "tok", vocab_size=96)
-    return str(path), Tokenizer.load(path).vocab_size
-
-
-def _rils_dir(path, cfg, tokenizer):
-    """A ``rils`` export of a seeded random model (what ``convert_checkpoint --format rils`` writes)."""
-    from safetensors.torch import save_file
-    from rils_scale.models import RILS
-    torch.manual_seed(0)
-    model = RILS(cfg, attn_backend="math")
-    with torch.no_grad():
-        for p in model.parameters():  # zero-initialised biases and unit norms would hide mistakes
-            p.add_(0.05 * torch.randn_like(p))
-    os.makedirs(path)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, os.path.join(path, "model.safetensors"))
-    shutil.copyfile(tokenizer, os.path.join(path, "tokenizer.model"))
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump({"format": "rils", "format_version": 1, "model": cfg.to_dict(), "tokenizer": "tokenizer.model",
-                   "weights": "model.safetensors", "source": {"step": 0}}, f)
-    return str(path)
-
-
-def _config(vocab, vision=None, text_activation="quick_gelu"):
-    from rils_scale.models import get_config
-    from rils_scale.models.config import VisionConfig
-    cfg = get_config("tiny")
-    if vision:
-        cfg.vision = VisionConfig(**vision)
-    cfg.text.vocab_size = vocab
-    cfg.text.activation = text_activation
-    return cfg
 
 
 def _convert(*args):
@@ -198,7 +162,6 @@ def test_timm_registry_table_is_timm(tmp_path):
     timm = pytest.importorskip("timm")
     from timm.models.vision_transformer import VisionTransformer
     from rils_scale.checkpoint.timm_format import TIMM_REGISTRY_VITS, timm_model_kwargs, timm_registry_name
-    from rils_scale.models.config import VisionConfig
     attrs = ("global_pool", "num_prefix_tokens", "no_embed_class", "dynamic_img_size", "pool_include_prefix",
              "has_class_token")
     for name, (patch, width, depth, heads, hidden, size) in TIMM_REGISTRY_VITS.items():

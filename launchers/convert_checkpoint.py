@@ -13,6 +13,11 @@
     python launchers/convert_checkpoint.py --checkpoint runs/b16 --format deepspeed \\
         --tensor-parallel 4 --output runs/b16_tp4
 
+--format deepspeed writes tp_rank_XX.safetensors (+ _optim) shards that DeepSpeed's own
+load_checkpoint cannot read: continue training with pretrain.py --output-dir OUT --resume
+(rils_scale loads them into any ZeRO stage and DP size; the global batch may change with the
+DP size, and the resume says so).
+
 --checkpoint takes a run directory, its checkpoints/ directory, one tag directory
 (checkpoints/global_stepN) or, for --format timm/open_clip/deepspeed, an exported rils directory.
 Streams tensor by tensor: peak memory is about one tensor plus a bounded read window.
@@ -30,7 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="run dir, checkpoints dir, tag dir, or rils export dir")
     p.add_argument("--format", required=True, choices=("rils", "timm", "open_clip", "deepspeed"),
-                   help="output format")
+                   help="output format; deepspeed: shards for pretrain.py --output-dir OUT --resume (not readable "
+                        "by DeepSpeed's own load_checkpoint)")
     p.add_argument("--output", required=True, help="output directory")
     p.add_argument("--tag", default=None, help="checkpoint tag, e.g. global_step2000 (default: 'latest')")
     p.add_argument("--tensor-parallel", type=int, default=None,
@@ -91,6 +97,10 @@ def main(argv=None) -> int:
     if warning:
         print(f"[convert] warning: {warning}", file=sys.stderr)
     print(f"[convert] {args.format} export done in {time.time() - start:.1f}s -> {os.path.abspath(args.output)}")
+    if args.format == "deepspeed":
+        print(f"[convert] continue training with: deepspeed --num_gpus G launchers/pretrain.py ... --tensor-parallel "
+              f"{args.tensor_parallel} --output-dir {args.output} --resume (DeepSpeed's own load_checkpoint cannot "
+              "read these shards)")
     return 0
 
 

@@ -26,6 +26,7 @@ from .launch_env import ensure_launch_env
 from .metrics import MetricsLogger, merge_skips, write_json
 from .param_clamp import clamp_logit_scale_
 from .precision import resolve_precision
+from .resume_checks import global_batch_change
 from .signals import DataWaitWatchdog, LauncherWatch, StopRequest
 
 log = logging.getLogger("rils_scale.train")
@@ -194,6 +195,10 @@ class Trainer:
         self.loader_resume = read_loader_states(point.path, self.state.dp_rank)  # None: replay
         if self.is_main:
             print(f"[rils_scale] resumed from {point.path} at step {self.step}", flush=True)
+            note = global_batch_change(self.cfg.output_dir, self.micro_batch, self.grad_accum, self.state.dp_size,
+                                       self.step)  # e.g. after a reshard
+            if note:
+                print(note, flush=True)
 
     def _global_skips(self) -> Dict[str, int]:
         """Skip counts summed over DP ranks (TP peers read the same data) plus earlier runs."""

@@ -288,6 +288,10 @@ def main(argv=None) -> int:
         print(f"... and {len(examples) - 10} more skipped rows", file=sys.stderr)
     print(f"wrote {summary['count']} samples in {summary['num_shards']} shard(s) to {args.output}"
           + (f"; skipped {sum(skipped.values())}: {dict(skipped)}" if skipped else ""))
+    if 0 < summary["num_shards"] < 4:
+        print(f"note: {summary['num_shards']} shard(s) feed at most {summary['num_shards']} loader stream(s); "
+              "pretrain.py needs shards >= nodes x GPUs per node x --num-workers (2 ranks x 2 workers: 4), "
+              f"e.g. --shard-size {max(1, summary['count'] // 4)}")
     if summary["count"] == 0:
         print("error: no sample could be written", file=sys.stderr)
         return 1

@@ -14,7 +14,8 @@ Steps (each one a command you can also run by hand; the demo prints them):
   5. evaluate held-out zero-shot classification, localisation (the fraction of each object's
      patches whose most similar phrase, among the image's object phrases, is its own), and
      retrieval, linear probe, k-shot
-  6. draw patch-sentence maps for a few held-out images against their objects' phrases
+  6. draw patch-sentence maps for a few held-out images against their objects' phrases and
+     their background ("the black background")
 and ends with a table and `runs/demo/summary.json` (`zeroshot_top1`, `localization`, `chance`, ...).
 """
 from __future__ import annotations
@@ -103,7 +104,8 @@ def main(argv=None) -> int:
     timings["evaluate"] = run([py, "launchers/evaluate.py", "--model", exported, "--builtin", data,
                                "--output", results_path], "5/6 held-out evaluation")
     maps = os.path.join(out, "patch_sentence_maps.png")
-    objects = ["--object-phrases", "--num", "6"] if args.dataset == "scenes" else ["--num", "4"]
+    objects = (["--object-phrases", "--background-phrase", "the {} background", "--num", "6"]
+               if args.dataset == "scenes" else ["--num", "4"])
     timings["visualize"] = run([py, "launchers/visualize.py", "--model", exported, "--shards",
                                 os.path.join(data, "heldout"), *objects, "--output", maps],
                                "6/6 patch-sentence maps")

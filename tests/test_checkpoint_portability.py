@@ -37,14 +37,24 @@ def _convert(*args):
                           env={**os.environ, "PYTHONPATH": REPO})
 
 
-def _travel(folder, tmp_path, name):
-    """``mv folder A/name`` and ``cp -r A/name B/name``: the original path no longer exists."""
+def _launcher(name):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "launchers", name + ".py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _travel(folder, tmp_path, name, copy=True):
+    """``mv folder A/name`` (and ``cp -r A/name B/name``): the original path no longer exists."""
     moved, copied = tmp_path / "moved" / name, tmp_path / "copied" / name
     moved.parent.mkdir(exist_ok=True)
-    copied.parent.mkdir(exist_ok=True)
     shutil.move(str(folder), moved)
-    shutil.copytree(moved, copied)
     assert not os.path.exists(folder)
+    if not copy:
+        return [moved]
+    copied.parent.mkdir(exist_ok=True)
+    shutil.copytree(moved, copied)
     return [moved, copied]
 
 
@@ -76,7 +86,7 @@ def _check_open_clip(folder, images, ids, image_ref, text_ref):
 
 
 @pytest.mark.slow
-def test_exports_load_after_moving_and_copying(tmp_path, monkeypatch):
+def test_exports_load_after_moving_and_copying(tmp_path, monkeypatch, capsys):
     pytest.importorskip("open_clip")
     import timm
     from rils_scale import load_model
@@ -109,11 +119,11 @@ def test_exports_load_after_moving_and_copying(tmp_path, monkeypatch):
     with open(tmp_path / "timm_vit_tiny" / "config.json") as f:
         hub = json.load(f)
     assert hub["architecture"] == "vit_tiny_patch16_224" and "own timm architecture" in hub["architecture_note"]
-    for folder in _travel(tmp_path / "timm_vit_tiny", tmp_path, "timm_vit_tiny"):
+    for folder in _travel(tmp_path / "timm_vit_tiny", tmp_path, "timm_vit_tiny", copy=False):
         vit = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
         with torch.no_grad():
             torch.testing.assert_close(vit(images), image_ref, atol=1e-5 * image_ref.abs().max().item(), rtol=1e-5)
-    for folder in _travel(tmp_path / "rils_copy", tmp_path, "rils_copy"):
+    for folder in _travel(tmp_path / "rils_copy", tmp_path, "rils_copy", copy=False):
         with torch.no_grad():
             assert torch.equal(load_model(str(folder)).encode_image(images), image_ref)
 
@@ -130,18 +140,17 @@ def test_exports_load_after_moving_and_copying(tmp_path, monkeypatch):
     # 3. the tiny preset: no timm architecture has its shape -> a path, said out loud, and relocate
     src = _rils_dir(str(tmp_path / "rils_tiny"), _config(vocab), tok)
     out = tmp_path / "oc_tiny"
-    proc = _convert("--checkpoint", src, "--format", "open_clip", "--output", str(out))
-    assert proc.returncode == 0, proc.stderr
-    assert "warning: this OpenCLIP export loads only from" in proc.stderr and "relocate" in proc.stderr
+    convert = _launcher("convert_checkpoint")  # the converter's main(), in this process (saves a start-up)
+    assert convert.main(["--checkpoint", src, "--format", "open_clip", "--output", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "warning: this OpenCLIP export loads only from" in err and "open_clip_export relocate" in err
     model, images, ids, image_ref, text_ref = _ours(src, 32)
     moved, copied = _travel(out, tmp_path, "oc_tiny")
     import open_clip
     with pytest.raises(Exception, match="timm_trunk"):
         open_clip.create_model_and_transforms(f"local-dir:{copied}")
-    relocate = subprocess.run([sys.executable, "-m", "rils_scale.checkpoint.open_clip_export", "relocate",
-                               str(copied)], capture_output=True, text=True, timeout=120,
-                              env={**os.environ, "PYTHONPATH": REPO})
-    assert relocate.returncode == 0, relocate.stderr
+    from rils_scale.checkpoint.open_clip_export import main as open_clip_export_main
+    assert open_clip_export_main(["relocate", str(copied)]) == 0  # python -m rils_scale.checkpoint.open_clip_export
     _check_open_clip(copied, images, ids, image_ref, text_ref)
     # the tiny timm export: honest about the architecture name, and it still loads
     export(open_source(src), "timm", str(tmp_path / "timm_tiny"))

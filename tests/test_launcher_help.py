@@ -22,7 +22,8 @@ def _docstring_source(path):
 
 
 def test_no_script_docstring_joins_lines():
-    scripts = sorted(glob.glob(os.path.join(REPO, "launchers", "*.py")) + glob.glob(os.path.join(REPO, "benchmarks", "*.py")))
+    scripts = sorted(glob.glob(os.path.join(REPO, "launchers", "*.py"))
+                     + glob.glob(os.path.join(REPO, "benchmarks", "*.py")))
     assert len(scripts) > 10
     joined = []
     for path in scripts:

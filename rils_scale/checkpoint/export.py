@@ -1,7 +1,8 @@
 """Export a checkpoint as ``rils`` (safetensors + config), ``timm`` (vision encoder, timm's hub
 layout), ``open_clip`` (image + text towers, OpenCLIP's ``local-dir:`` layout; see
 ``open_clip_export``) or ``deepspeed`` (weights-only checkpoint for another TP size). All
-stream: one full tensor in memory at a time (see docs/checkpoints.md).
+stream: one full tensor in memory at a time (see docs/checkpoints.md). The pieces the formats
+share live in ``export_common`` and ``timm_format`` (re-exported here for older imports).
 """
 from __future__ import annotations
 
@@ -12,14 +13,16 @@ import torch
 
 from ..parallel.sharding import padded_size, split_full_tensor
 from .consolidate import OPTIMIZER_KINDS
-from .export_common import (_copy_tokenizer, _image_config, _prepare_dir, text_activation,  # noqa: F401
-                            vision_activation)
+from .export_common import _copy_tokenizer, _image_config, _prepare_dir, text_activation, vision_activation
 from .layout import WEIGHTS_ONLY_MARKER, CheckpointError, tensor_parallel_layout_for
 from .open_clip_export import export_open_clip
 from .serialization import StreamingSafetensorsWriter, write_json
 from .sources import RILS_CONFIG, RILS_FORMAT, RILS_WEIGHTS, Source, source_run_config
-from .timm_format import (_timm_entries, iter_timm_tensors, rils_to_timm_name, timm_hub_config,  # noqa: F401
-                          timm_model_kwargs)
+from .timm_format import _timm_entries, iter_timm_tensors, rils_to_timm_name, timm_hub_config, timm_model_kwargs
+
+__all__ = ["FORMATS", "export", "export_rils", "export_timm", "export_open_clip", "export_deepspeed",
+           "timm_model_kwargs", "timm_hub_config", "rils_to_timm_name", "iter_timm_tensors", "text_activation",
+           "vision_activation"]
 
 FORMATS = ("rils", "timm", "open_clip", "deepspeed")
 

@@ -13,6 +13,11 @@
     python launchers/convert_checkpoint.py --checkpoint runs/b16 --format deepspeed \\
         --tensor-parallel 4 --output runs/b16_tp4
 
+--format deepspeed writes tp_rank_XX.safetensors (+ _optim) shards that DeepSpeed's own
+load_checkpoint cannot read: continue training with pretrain.py --output-dir OUT --resume
+(rils_scale loads them into any ZeRO stage and DP size; the global batch may change with the
+DP size, and the resume says so).
+
 --checkpoint takes a run directory, its checkpoints/ directory, one tag directory
 (checkpoints/global_stepN) or, for --format timm/open_clip/deepspeed, an exported rils directory.
 Streams tensor by tensor: peak memory is about one tensor plus a bounded read window.
@@ -30,14 +35,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="run dir, checkpoints dir, tag dir, or rils export dir")
     p.add_argument("--format", required=True, choices=("rils", "timm", "open_clip", "deepspeed"),
-                   help="output format")
+                   help="output format; deepspeed: shards for pretrain.py --output-dir OUT --resume (not readable "
+                        "by DeepSpeed's own load_checkpoint)")
     p.add_argument("--output", required=True, help="output directory")
     p.add_argument("--tag", default=None, help="checkpoint tag, e.g. global_step2000 (default: 'latest')")
     p.add_argument("--tensor-parallel", type=int, default=None,
                    help="TP size of the --format deepspeed output (required for that format)")
     p.add_argument("--vision-tower", default="auto", choices=("auto", "native", "timm"),
                    help="--format open_clip: OpenCLIP's own ViT (native), a timm trunk (timm), or native unless "
-                        "the towers' activations differ (auto; OpenCLIP has one quick_gelu flag)")
+                        "the towers' activations differ (auto; OpenCLIP has one quick_gelu flag). A timm trunk is "
+                        "named by its timm architecture when one has the encoder's shape (presets small and up: "
+                        "the folder is relocatable), else by the absolute path of OUT/timm_trunk (see "
+                        "docs/checkpoints.md)")
     p.add_argument("--tokenizer", default=None, help="tokenizer.model to ship (default: the run's copy)")
     p.add_argument("--replica-tolerance", type=float, default=0.0,
                    help="max abs difference accepted between TP copies of a replicated parameter "
@@ -82,9 +91,16 @@ def main(argv=None) -> int:
     except (CheckpointError, FileNotFoundError, RuntimeError) as err:
         print(f"convert_checkpoint.py: error: {err}", file=sys.stderr)
         return 1
+    warning = written.pop("warning", None)
     for key, value in written.items():
         print(f"[convert] wrote {key}: {value}")
+    if warning:
+        print(f"[convert] warning: {warning}", file=sys.stderr)
     print(f"[convert] {args.format} export done in {time.time() - start:.1f}s -> {os.path.abspath(args.output)}")
+    if args.format == "deepspeed":
+        print(f"[convert] continue training with: deepspeed --num_gpus G launchers/pretrain.py ... --tensor-parallel "
+              f"{args.tensor_parallel} --output-dir {args.output} --resume (DeepSpeed's own load_checkpoint cannot "
+              "read these shards)")
     return 0
 
 

@@ -8,12 +8,14 @@ Steps (each one a command you can also run by hand; the demo prints them):
      image, captions naming them, per-object masks in each sample's JSON)
   2. train a SentencePiece tokenizer on the training captions
   3. pre-train the `tiny` preset with `deepspeed --num_gpus 2 launchers/pretrain.py
-     --ds_config ds_configs/zero3.json` (two CPU ranks: ZeRO-3 over gloo, bf16)
+     --ds_config ds_configs/zero3.json` (two CPU ranks: ZeRO-3 over gloo; fp32 unless the CPU
+     has native bf16, see `rils_scale/train/precision.py`)
   4. convert the DeepSpeed checkpoint to the `rils` format
   5. evaluate held-out zero-shot classification, localisation (the fraction of each object's
      patches whose most similar phrase, among the image's object phrases, is its own), and
      retrieval, linear probe, k-shot
-  6. draw patch-sentence maps for a few held-out images against their objects' phrases
+  6. draw patch-sentence maps for a few held-out images against their objects' phrases and
+     their background ("the black background")
 and ends with a table and `runs/demo/summary.json` (`zeroshot_top1`, `localization`, `chance`, ...).
 """
 from __future__ import annotations
@@ -102,7 +104,8 @@ def main(argv=None) -> int:
     timings["evaluate"] = run([py, "launchers/evaluate.py", "--model", exported, "--builtin", data,
                                "--output", results_path], "5/6 held-out evaluation")
     maps = os.path.join(out, "patch_sentence_maps.png")
-    objects = ["--object-phrases", "--num", "6"] if args.dataset == "scenes" else ["--num", "4"]
+    objects = (["--object-phrases", "--background-phrase", "the {} background", "--num", "6"]
+               if args.dataset == "scenes" else ["--num", "4"])
     timings["visualize"] = run([py, "launchers/visualize.py", "--model", exported, "--shards",
                                 os.path.join(data, "heldout"), *objects, "--output", maps],
                                "6/6 patch-sentence maps")

@@ -1,14 +1,23 @@
 #!/usr/bin/env python
-"""Evaluate a RILS model: zero-shot classification, image-text retrieval, linear probe, k-shot.
+"""Evaluate a RILS model: zero-shot classification, image-text retrieval, linear probe, k-shot,
+localisation.
 
-    # a built-in dataset (make_shards.py --builtin; written to DIR first if it does not exist)
+    # a built-in dataset (make_shards.py --builtin); if DIR holds none it is written first: the
+    # dataset named by --builtin-name, else by DIR's name (data/shapes -> shapes), else scenes
     python launchers/evaluate.py --model runs/tiny --builtin data/shapes --output results.json
     # your own data: labelled shards (KEY.json: label, class_name) or ImageFolder directories
     python launchers/evaluate.py --model exports/b16 --data val_shards/ --train-data train_shards/ \\
         --class-names classes.txt --templates templates.txt --output results.json
+    # a CLIP_benchmark set (make_shards.py --layout clip_benchmark): its class names, templates
+    # and train split are read from the folder
+    python launchers/evaluate.py --model exports/b16 --data data/wds_mine --output results.json
 
 --model takes an exported rils directory or a training run / checkpoint directory (consolidated
-on the fly). Prints a table and, with --output, writes every number as JSON.
+on the fly). Without --tasks, every task the data allows runs and the others are reported as
+left out, with the reason (zero-shot: labels + class names; retrieval: captions; linear probe and
+k-shot: labelled --train-data; localisation: object masks); a task named in --tasks that cannot
+run is an error. Samples the readers skip are counted by reason (printed, and in the JSON's
+skipped_samples). Prints a table and, with --output, writes every number as JSON.
 Exit status: 0 on success, 2 on bad arguments, 1 when evaluation fails.
 """
 import argparse
@@ -29,11 +38,14 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--builtin", metavar="DIR", help="built-in dataset (make_shards.py --builtin): DIR/heldout is "
                      "evaluated, DIR/train feeds the probe and k-shot, DIR/classes.json gives class names and "
                      "prompts; written first (see --builtin-name) if DIR holds no dataset")
-    p.add_argument("--builtin-name", default="scenes", choices=("scenes", "shapes", "digits"),
-                   help="which built-in dataset --builtin writes when DIR is empty")
-    src.add_argument("--data", help="evaluation shards (dir / brace pattern) or ImageFolder root")
+    p.add_argument("--builtin-name", default=None, choices=("scenes", "shapes", "digits"),
+                   help="which built-in dataset --builtin writes when DIR holds none (default: the one DIR's "
+                        "name names, e.g. data/shapes -> shapes; else scenes)")
+    src.add_argument("--data", help="evaluation shards (dir / brace pattern), an ImageFolder root, or a "
+                     "CLIP_benchmark set (make_shards.py --layout clip_benchmark: the folder or one split)")
     p.add_argument("--train-data", help="labelled training shards or ImageFolder (linear probe, k-shot)")
-    p.add_argument("--tasks", nargs="+", default=list(TASK_CHOICES), choices=TASK_CHOICES)
+    p.add_argument("--tasks", nargs="+", default=None, choices=TASK_CHOICES,
+                   help="tasks to run (default: every one the data allows; the others are listed as left out)")
     p.add_argument("--class-names", help="text file, one class name per line (line i = label i)")
     p.add_argument("--templates", help="text file, one prompt template per line with {} for the class name")
     p.add_argument("--shots", type=int, nargs="+", default=[1, 2, 4, 8, 16], help="k of k-shot")

@@ -11,12 +11,16 @@ The built-in datasets (write OUTPUT/train, OUTPUT/heldout and OUTPUT/classes.jso
     python launchers/make_shards.py --builtin shapes --output data/shapes   # one shape per image
     python launchers/make_shards.py --builtin digits --output data/digits   # handwritten digits
 
-An evaluation set for CLIP_benchmark (``clip_benchmark eval --dataset wds/NAME --dataset_root OUTPUT``):
+An evaluation set for CLIP_benchmark (its webdataset layout; evaluate it with
+``python -m rils_scale.eval.clip_benchmark eval --dataset wds/NAME --dataset_root OUTPUT ...``,
+which takes ``clip_benchmark eval``'s arguments, or with ``launchers/evaluate.py --data OUTPUT``):
     python launchers/make_shards.py --builtin shapes --layout clip_benchmark --output data/wds_shapes
-    python launchers/make_shards.py --input val.csv --layout clip_benchmark --label-column label \
+    python launchers/make_shards.py --input val.csv --layout clip_benchmark --label-column label \\
         --class-names classes.txt --templates templates.txt --output data/wds_mine
 writes OUTPUT/classnames.txt, OUTPUT/zeroshot_classification_templates.txt and
 OUTPUT/<split>/{0.tar,...,nshards.txt} with KEY.<image> + KEY.cls (see docs/evaluation.md).
+Without --shard-size a split is cut into 4 shards (at most 10000 samples each), one per
+DataLoader worker of clip_benchmark's default --num_workers 4.
 
 JPEG/PNG/WebP files are stored as they are; other formats PIL can read are re-encoded (JPEG,
 or PNG when they have transparency). The row's other columns (image path included) go to
@@ -53,7 +57,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--output", required=True, help="output directory (must not already hold shards)")
     parser.add_argument("--shard-size", type=int, default=None,
                         help="samples per shard (default: 10000 for a listing, 500 for --builtin scenes and shapes, "
-                             "256 for --builtin digits)")
+                             "256 for --builtin digits; --layout clip_benchmark: a quarter of the split, at most "
+                             "10000). Training reads at least one shard per DataLoader worker of every rank: "
+                             "choose it so that shards >= nodes x GPUs x --num-workers")
     parser.add_argument("--image-column", default="image", help="listing column with the image path")
     parser.add_argument("--caption-column", default="caption", help="listing column with the caption")
     parser.add_argument("--format", choices=("csv", "tsv", "jsonl", "parquet"), default=None,
@@ -181,6 +187,14 @@ def _read_lines(path: str) -> list[str]:
         return [line.strip() for line in f if line.strip()]
 
 
+def _note_few_shards(shards: int) -> None:
+    from rils_scale.data.clip_benchmark import MIN_SHARDS
+    if shards < MIN_SHARDS:
+        print(f"note: {shards} shard(s): the stock `clip_benchmark eval` needs --num_workers {shards} or fewer "
+              "(webdataset gives each worker whole shards); `python -m rils_scale.eval.clip_benchmark eval` "
+              "lowers it for you")
+
+
 def write_clip_benchmark(args) -> int:
     """--layout clip_benchmark: a labelled evaluation set in CLIP_benchmark's webdataset layout."""
     from rils_scale.data import clip_benchmark as cb
@@ -189,6 +203,7 @@ def write_clip_benchmark(args) -> int:
                                   shard_size=args.shard_size)
         for split, r in result.items():
             print(f"{split}: {r['count']} samples in {len(r['shards'])} shard(s) -> {r['dir']}")
+        _note_few_shards(min(len(r["shards"]) for r in result.values()))
         return 0
     if not args.class_names:
         print("error: --layout clip_benchmark with --input needs --class-names FILE", file=sys.stderr)
@@ -220,9 +235,11 @@ def write_clip_benchmark(args) -> int:
 
     cb.check_split_free(args.output, args.split)
     cb.write_metadata(args.output, names, templates)
-    result = cb.write_split(args.output, args.split, samples(), len(names), args.shard_size or 10000)
+    result = cb.write_split(args.output, args.split, samples(), len(names),
+                            args.shard_size or cb.default_shard_size(len(rows)))
     print(f"wrote {result['count']} samples in {len(result['shards'])} shard(s) to {result['dir']}"
           + (f"; skipped {sum(skipped.values())}: {dict(skipped)}" if skipped else ""))
+    _note_few_shards(len(result["shards"]))
     if args.strict and skipped:
         print("error: rows were skipped and --strict is set", file=sys.stderr)
         return 1
@@ -271,6 +288,10 @@ def main(argv=None) -> int:
         print(f"... and {len(examples) - 10} more skipped rows", file=sys.stderr)
     print(f"wrote {summary['count']} samples in {summary['num_shards']} shard(s) to {args.output}"
           + (f"; skipped {sum(skipped.values())}: {dict(skipped)}" if skipped else ""))
+    if 0 < summary["num_shards"] < 4:
+        print(f"note: {summary['num_shards']} shard(s) feed at most {summary['num_shards']} loader stream(s); "
+              "pretrain.py needs shards >= nodes x GPUs per node x --num-workers (2 ranks x 2 workers: 4), "
+              f"e.g. --shard-size {max(1, summary['count'] // 4)}")
     if summary["count"] == 0:
         print("error: no sample could be written", file=sys.stderr)
         return 1

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Train the SentencePiece caption tokenizer from shards and/or caption text files.
 
-    python launchers/train_tokenizer.py --input data/train/{00000..00005}.tar --vocab-size 8000 \
+    python launchers/train_tokenizer.py --input data/train/{00000..00005}.tar --vocab-size 8000 \\
         --output runs/tok/captions           # writes runs/tok/captions.model and .vocab
 
 Inputs are read in the order given (tar shards: their ``KEY.txt`` captions; other files: one

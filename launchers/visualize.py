@@ -7,9 +7,16 @@
     # the first N samples of shards, against their own captions
     python launchers/visualize.py --model runs/tiny --shards data/digits/heldout --num 4 --output maps.png
 
-Each row: the image, the argmax-sentence map (legend below: sentence and share of patches),
-and one heat map per sentence of softmax_s(patch . sentence / tau), tau = 0.04 (RILS's teacher
-temperature). Exit status: 0 on success, 2 on bad arguments, 1 on failure.
+    # the built-in scenes: each image against its objects' phrases and its background
+    python launchers/visualize.py --model runs/demo/exported --shards runs/demo/data/heldout \\
+        --object-phrases --background-phrase "the {} background" --num 6 --output maps.png
+
+Each row: the image; the image split into regions by the sentence each patch is closest to
+(argmax), each region labelled with its sentence's number (legend below: number, sentence,
+share of patches; numbers rather than colours, which the sentences themselves name); one heat
+map per sentence of softmax_s(patch . sentence / tau), tau = 0.04 (RILS's teacher
+temperature), and a colour bar for their 0-1 scale. Exit status: 0 on success, 2 on bad
+arguments, 1 on failure.
 """
 import argparse
 import os
@@ -30,6 +37,10 @@ def main(argv=None) -> int:
     p.add_argument("--object-phrases", action="store_true",
                    help="with --shards of the built-in scenes: each image against its own objects' phrases "
                         "(different objects should claim different patches)")
+    p.add_argument("--background-phrase", default=None,
+                   help="with --object-phrases: one more phrase per image for its background, so background "
+                        "patches do not have to go to an object; {} is the sample's background name from its JSON, "
+                        "e.g. 'the {} background' -> 'the black background'")
     p.add_argument("--temperature", type=float, default=0.04)
     p.add_argument("--cell", type=int, default=160, help="pixel size of each panel")
     p.add_argument("--output", required=True, help="PNG file to write")
@@ -53,7 +64,8 @@ def main(argv=None) -> int:
             if not args.shards:
                 p.error("--object-phrases needs --shards")
             from rils_scale.eval.localization import render_localization_maps
-            grid = render_localization_maps(model, args.shards, num=args.num, cell=args.cell)
+            grid = render_localization_maps(model, args.shards, num=args.num, cell=args.cell,
+                                            background=args.background_phrase)
             os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
             grid.save(args.output)
             print(f"[visualize] {args.num} image(s) x their object phrases -> {args.output}")

@@ -258,6 +258,8 @@ def test_tp2_to_tp1_resume_to_tp2_round_trip_is_bit_exact(run, tmp_path):
     log = _deepspeed(_common(run, tp1, "--tensor-parallel", "1", "--max-steps", str(STEPS + 1),
                              "--micro-batch-size", "8", "--lr", "0", "--resume"), ranks=1)
     assert f"at step {STEPS}" in log
+    # the reshard changed the global batch (micro 32 x DP 1 -> micro 8 x DP 1): said before the first step
+    assert "warning: the global batch changes from 32 (micro 32 x accumulation 1 x DP 1) to 8" in log
     resumed, ck1 = consolidate(str(tp1), tag=f"global_step{STEPS + 1}")
     assert ck1.kind == "zero3" and ck1.tp_size == 1
     assert [n for n in original if not torch.equal(original[n], resumed[n])] == []

@@ -23,3 +23,9 @@ def test_demo_end_to_end_short(tmp_path):
     assert summary["dataset"] == "scenes" and 0.0 <= summary["localization"] <= 1.0
     assert 0.3 < summary["localization_chance"] < 0.5 and "localisation:" in proc.stdout
     assert summary["probe_features"] == "encoder"
+    # CPU ranks train in fp32 unless the CPU computes bf16 natively (the start-up line says why)
+    from rils_scale.train.precision import cpu_native_bf16
+    run_config = json.loads((out / "run" / "config.json").read_text())
+    assert run_config["deepspeed"]["bf16"]["enabled"] == cpu_native_bf16()[0]
+    assert ("native on this CPU" if cpu_native_bf16()[0] else "fp32 instead of the DeepSpeed config's bf16") \
+        in proc.stdout

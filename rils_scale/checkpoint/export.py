@@ -1,50 +1,30 @@
 """Export a checkpoint as ``rils`` (safetensors + config), ``timm`` (vision encoder, timm's hub
 layout), ``open_clip`` (image + text towers, OpenCLIP's ``local-dir:`` layout; see
 ``open_clip_export``) or ``deepspeed`` (weights-only checkpoint for another TP size). All
-stream: one full tensor in memory at a time (see docs/checkpoints.md).
+stream: one full tensor in memory at a time (see docs/checkpoints.md). The pieces the formats
+share live in ``export_common`` and ``timm_format`` (re-exported here for older imports).
 """
 from __future__ import annotations
 
 import os
-import shutil
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, Optional
 
 import torch
 
-from ..models.config import RILSConfig
-from ..models.vision import sincos_2d_position_embedding
 from ..parallel.sharding import padded_size, split_full_tensor
 from .consolidate import OPTIMIZER_KINDS
+from .export_common import _copy_tokenizer, _image_config, _prepare_dir, text_activation, vision_activation
 from .layout import WEIGHTS_ONLY_MARKER, CheckpointError, tensor_parallel_layout_for
+from .open_clip_export import export_open_clip
 from .serialization import StreamingSafetensorsWriter, write_json
-from .sources import RILS_CONFIG, RILS_FORMAT, RILS_WEIGHTS, Source, source_run_config, source_tokenizer
+from .sources import RILS_CONFIG, RILS_FORMAT, RILS_WEIGHTS, Source, source_run_config
+from .timm_format import _timm_entries, iter_timm_tensors, rils_to_timm_name, timm_hub_config, timm_model_kwargs
+
+__all__ = ["FORMATS", "export", "export_rils", "export_timm", "export_open_clip", "export_deepspeed",
+           "timm_model_kwargs", "timm_hub_config", "rils_to_timm_name", "iter_timm_tensors", "text_activation",
+           "vision_activation"]
 
 FORMATS = ("rils", "timm", "open_clip", "deepspeed")
-
-
-def _image_config(cfg: RILSConfig) -> dict:
-    from ..data.transforms import CLIP_MEAN, CLIP_STD
-    return {"size": cfg.vision.image_size, "mean": list(CLIP_MEAN), "std": list(CLIP_STD),
-            "interpolation": "bicubic", "resize": "shorter side to size, then center crop (crop_pct 1.0)"}
-
-
-def _prepare_dir(path: str, overwrite: bool) -> None:
-    if os.path.exists(path) and os.listdir(path) and not overwrite:
-        raise CheckpointError(f"output directory {path} exists and is not empty (pass --overwrite to replace files)")
-    os.makedirs(path, exist_ok=True)
-
-
-def _copy_tokenizer(source: Source, out_dir: str, tokenizer: Optional[str], required: bool) -> Optional[str]:
-    path = tokenizer or source_tokenizer(source)
-    if path is None:
-        if required:
-            raise CheckpointError("no tokenizer found next to the checkpoint (RUN/tokenizer.model) or in its "
-                                  "config.json: pass --tokenizer PATH")
-        return None
-    dest = os.path.join(out_dir, "tokenizer.model")
-    if os.path.abspath(path) != os.path.abspath(dest):
-        shutil.copyfile(path, dest)
-    return dest
 
 
 # --------------------------------------------------------------------------------------- rils
@@ -68,149 +48,6 @@ def export_rils(source: Source, output_dir: str, *, tokenizer: Optional[str] = N
 
 
 # --------------------------------------------------------------------------------------- timm
-def timm_model_kwargs(cfg: RILSConfig, num_classes: Optional[int] = None) -> dict:
-    """Keyword arguments of ``timm.models.vision_transformer.VisionTransformer`` (equally of
-    ``timm.create_model("vit_base_patch16_224", pretrained=False, **kwargs)``, whose preset
-    values they all override) that give exactly the RILS vision encoder:
-
-    - ``class_token=True``, ``no_embed_class=False``: the cls token is prepended and the
-      position table has a cls row (zeros for the fixed sin-cos table), as in RILS;
-    - ``global_pool="avg"`` with ``fc_norm=False``: timm then applies the final ``norm`` to
-      every token *before* pooling (``fc_norm=None`` would move it after the pool) and averages
-      the patch tokens only (``pool_include_prefix=False`` drops the cls token) -- exactly
-      RILS's "mean of final-normed patch tokens, cls excluded";
-    - ``qkv_bias=True``: the fused ``qkv.bias`` holds (q_bias, 0, v_bias);
-    - timm's default LayerNorm eps is 1e-6 and its MLP activation exact GELU, as in RILS
-      (``act_layer="quick_gelu"`` when the vision tower was trained with QuickGELU);
-    - ``num_classes=embed_dim``: the head is the image projection, so ``model(x)`` equals
-      ``encode_image(x)`` (unnormalised); ``num_classes=0`` gives the pooled encoder features.
-    """
-    v = cfg.vision
-    if abs(v.layer_norm_eps - 1e-6) > 1e-12:
-        raise CheckpointError(f"timm export assumes LayerNorm eps 1e-6 (timm's default), model has {v.layer_norm_eps}")
-    hidden = v.mlp_hidden
-    ratio = hidden / v.width
-    if int(v.width * ratio) != hidden:  # timm uses int(dim * mlp_ratio)
-        ratio = (hidden + 0.5) / v.width
-    kwargs = {
-        "img_size": v.image_size, "patch_size": v.patch_size, "in_chans": 3,
-        "num_classes": cfg.embed_dim if num_classes is None else num_classes,
-        "global_pool": "avg", "fc_norm": False, "class_token": True, "no_embed_class": False,
-        "pre_norm": False, "final_norm": True, "embed_dim": v.width, "depth": v.depth, "num_heads": v.heads,
-        "mlp_ratio": ratio, "qkv_bias": True, "qk_norm": False, "init_values": None, "reg_tokens": 0,
-        "dynamic_img_size": False,
-    }
-    activation = vision_activation(cfg)
-    if activation != "gelu":
-        kwargs["act_layer"] = activation  # timm's get_act_layer("quick_gelu") is x * sigmoid(1.702 x)
-    return kwargs
-
-
-def vision_activation(cfg: RILSConfig) -> str:
-    """MLP activation of the vision tower: ``"gelu"`` (exact) or ``"quick_gelu"``; configs
-    written before the ``activation`` field existed are GELU."""
-    return _activation(getattr(cfg.vision, "activation", "gelu"))
-
-
-def text_activation(cfg: RILSConfig) -> str:
-    """MLP activation of the text tower (``"gelu"`` for configs without the field)."""
-    return _activation(getattr(cfg.text, "activation", "gelu"))
-
-
-def _activation(name: str) -> str:
-    name = str(name).lower().replace("-", "_")
-    name = {"quickgelu": "quick_gelu", "gelu_exact": "gelu"}.get(name, name)
-    if name not in ("gelu", "quick_gelu"):
-        raise CheckpointError(f"activation {name!r} has no timm/OpenCLIP equivalent (gelu, quick_gelu)")
-    return name
-
-
-def _timm_entries(cfg: RILSConfig) -> List[Tuple[str, Tuple[int, ...]]]:
-    v, d = cfg.vision, cfg.vision.width
-    entries = [("cls_token", (1, 1, d)), ("pos_embed", (1, 1 + v.num_patches, d)),
-               ("patch_embed.proj.weight", (d, 3, v.patch_size, v.patch_size)), ("patch_embed.proj.bias", (d,))]
-    for i in range(v.depth):
-        b = f"blocks.{i}."
-        entries += [(b + "norm1.weight", (d,)), (b + "norm1.bias", (d,)),
-                    (b + "attn.qkv.weight", (3 * d, d)), (b + "attn.qkv.bias", (3 * d,)),
-                    (b + "attn.proj.weight", (d, d)), (b + "attn.proj.bias", (d,)),
-                    (b + "norm2.weight", (d,)), (b + "norm2.bias", (d,)),
-                    (b + "mlp.fc1.weight", (v.mlp_hidden, d)), (b + "mlp.fc1.bias", (v.mlp_hidden,)),
-                    (b + "mlp.fc2.weight", (d, v.mlp_hidden)), (b + "mlp.fc2.bias", (d,))]
-    entries += [("norm.weight", (d,)), ("norm.bias", (d,)),
-                ("head.weight", (cfg.embed_dim, d)), ("head.bias", (cfg.embed_dim,))]
-    return entries
-
-
-def rils_to_timm_name(name: str) -> Optional[str]:
-    """timm name of a RILS vision parameter (``None``: not part of the timm model, or q/v bias,
-    which are fused into ``qkv.bias`` separately)."""
-    if name == "visual.cls_token":
-        return "cls_token"
-    if name.startswith("visual.patch_embed."):
-        return "patch_embed.proj." + name.rsplit(".", 1)[1]
-    if name.startswith("visual.norm."):
-        return name[len("visual."):]
-    if name.startswith("visual.transformer.blocks."):
-        if name.endswith(("attn.q_bias", "attn.v_bias")):
-            return None
-        return name[len("visual.transformer."):]
-    if name == "image_projection.weight":
-        return "head.weight"
-    return None
-
-
-def iter_timm_tensors(source: Source) -> Iterator[Tuple[str, torch.Tensor]]:
-    """``(timm name, tensor)`` of the vision encoder + projection head, one at a time."""
-    cfg = source.model_config
-    names = [n for n in source.names() if n.startswith("visual.") or n == "image_projection.weight"]
-    yield "pos_embed", sincos_2d_position_embedding(cfg.vision.width, cfg.vision.grid_size)[None]
-    yield "head.bias", torch.zeros(cfg.embed_dim)
-    pending: Dict[str, Dict[str, torch.Tensor]] = {}
-    for name, tensor in source.iter_full_tensors(names):
-        if name.endswith(("attn.q_bias", "attn.v_bias")):
-            block = name.rsplit(".", 1)[0][len("visual.transformer."):]  # blocks.i.attn
-            pending.setdefault(block, {})[name.rsplit(".", 1)[1]] = tensor
-            if len(pending[block]) == 2:  # RILS's k bias is fixed at zero (BEiT style)
-                pair = pending.pop(block)
-                q, v = pair["q_bias"], pair["v_bias"]
-                yield block + ".qkv.bias", torch.cat([q, torch.zeros_like(q), v])
-            continue
-        target = rils_to_timm_name(name)
-        if target is not None:
-            yield target, (tensor.t().contiguous() if target == "head.weight" else tensor)
-
-
-def timm_hub_config(cfg: RILSConfig, source: Optional[Source] = None) -> dict:
-    """timm's hub ``config.json``: what ``timm.create_model("local-dir:DIR")`` reads.
-
-    ``model_args`` override every structural value of the named architecture; ``num_classes``
-    is left to ``pretrained_cfg`` so that passing ``num_classes=N`` makes timm drop the
-    ``head`` (the image projection) and build a fresh one; ``pretrained_cfg`` carries the
-    evaluation transform the model was trained with, which ``resolve_data_config`` returns.
-    """
-    kwargs = timm_model_kwargs(cfg)
-    kwargs.pop("num_classes")
-    image = _image_config(cfg)
-    size = image["size"]
-    out = {
-        "architecture": "vit_base_patch16_224",
-        "num_classes": cfg.embed_dim,
-        "num_features": cfg.vision.width,
-        "global_pool": "avg",
-        "model_args": kwargs,
-        "pretrained_cfg": {
-            "tag": "rils", "custom_load": False, "input_size": [3, size, size], "fixed_input_size": True,
-            "interpolation": image["interpolation"], "crop_pct": 1.0, "crop_mode": "center",
-            "mean": image["mean"], "std": image["std"], "num_classes": cfg.embed_dim, "pool_size": None,
-            "first_conv": "patch_embed.proj", "classifier": "head",
-        },
-    }
-    if source is not None:
-        out["rils_source"] = source.describe()
-    return out
-
-
 def export_timm(source: Source, output_dir: str, *, overwrite: bool = False) -> Dict[str, str]:
     """The vision encoder (+ image projection as ``head``) in timm's hub layout:
     ``config.json`` + ``model.safetensors``, loaded by
@@ -227,6 +64,7 @@ def export_timm(source: Source, output_dir: str, *, overwrite: bool = False) -> 
     write_json(os.path.join(output_dir, "config.json"), hub)
     write_json(os.path.join(output_dir, "timm_config.json"), {
         "architecture": hub["architecture"],
+        "architecture_note": hub["architecture_note"],
         "model_kwargs": timm_model_kwargs(cfg),
         "usage": ("timm.create_model('local-dir:' + DIR, pretrained=True) (config.json); or "
                   "timm.models.vision_transformer.VisionTransformer(**cfg['model_kwargs']) + "
@@ -374,7 +212,6 @@ def export(source: Source, fmt: str, output: str, *, tensor_parallel: int = 1, t
     if fmt == "timm":
         return export_timm(source, output, overwrite=overwrite)
     if fmt == "open_clip":
-        from .open_clip_export import export_open_clip
         return export_open_clip(source, output, tokenizer=tokenizer, vision_tower=vision_tower, overwrite=overwrite)
     if fmt == "deepspeed":
         return export_deepspeed(source, output, tensor_parallel, tokenizer=tokenizer, overwrite=overwrite,

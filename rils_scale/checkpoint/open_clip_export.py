@@ -4,7 +4,7 @@
     OUT/open_clip_model.safetensors  weights under OpenCLIP's names, fp32
     OUT/tokenizer.json, tokenizer_config.json, special_tokens_map.json   (HF tokenizer)
     OUT/tokenizer.model              the SentencePiece original
-    OUT/timm_trunk/config.json       only when the towers' activations differ (see below)
+    OUT/timm_trunk/config.json       only for a timm trunk no timm architecture name builds (see below)
 
 ``open_clip.create_model_and_transforms("local-dir:OUT")`` and
 ``open_clip.get_tokenizer("local-dir:OUT")`` then compute RILS's ``encode_image`` /
@@ -21,28 +21,39 @@ expressed in OpenCLIP's config (open_clip >= 3.0):
 - text: pooling at the end-of-text token by id (``pool_type="eos"``, ``eos_id=3``); OpenCLIP's
   default ``argmax`` pooling assumes the end token has the highest id, which is not so here;
 - activations: OpenCLIP has one ``quick_gelu`` flag for both towers. When the towers differ
-  (e.g. GELU vision, QuickGELU text), the vision tower is exported as a timm trunk
-  (``vision_cfg.timm_model_name = "local-dir:OUT/timm_trunk"``, an absolute path: re-export or
-  edit it after moving OUT) whose ``model_args`` carry its own activation, with the projection
-  as OpenCLIP's ``head.proj``; the flag then serves the text tower;
+  (RILS's default: exact-GELU vision, QuickGELU text), the vision tower is a timm trunk whose
+  own activation is GELU, with the projection as OpenCLIP's ``head.proj``; the flag then serves
+  the text tower. OpenCLIP builds a trunk with ``timm.create_model(vision_cfg.timm_model_name)``
+  and nothing else (open_clip 3.3 ``TimmModel``: no model arguments reach timm), so:
+
+  * when a registered timm ViT is exactly this encoder (``timm_format.TIMM_REGISTRY_VITS``:
+    every preset from ``small`` up at its native resolution), ``timm_model_name`` is that name
+    and the folder holds no path: it can be moved, copied or uploaded as it is;
+  * otherwise (``tiny``, other resolutions) timm can only build the trunk from a folder's
+    ``config.json`` (``OUT/timm_trunk``), and timm resolves that path against the current
+    directory, not against OUT. It is written absolute, the export is *not relocatable*, and
+    the converter says so; after moving OUT, ``python -m rils_scale.checkpoint.open_clip_export
+    relocate NEW_DIR`` rewrites the one path (or re-export there);
 - ``logit_scale``: the clamped value the trained model uses.
 
 The RILS decoder is not part of a CLIP model and is left out.
 """
 from __future__ import annotations
 
+import json
 import os
+import sys
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from ..models.vision import sincos_2d_position_embedding
-from .export import (_copy_tokenizer, _image_config, _prepare_dir, _timm_entries, iter_timm_tensors,
-                     text_activation, timm_hub_config, vision_activation)
+from .export_common import _copy_tokenizer, _image_config, _prepare_dir, text_activation, vision_activation
 from .layout import CheckpointError
 from .serialization import StreamingSafetensorsWriter, write_json
 from .sources import Source
+from .timm_format import _timm_entries, describe_vision, iter_timm_tensors, timm_hub_config, timm_registry_name
 
 OPEN_CLIP_CONFIG = "open_clip_config.json"
 OPEN_CLIP_WEIGHTS = "open_clip_model.safetensors"  # the first name open_clip's local-dir loader looks for
@@ -147,8 +158,10 @@ def open_clip_model_config(cfg, vision_tower: str, trunk_dir: Optional[str] = No
                   "head_width": v.width // v.heads, "mlp_ratio": v.mlp_hidden / v.width, "no_ln_pre": True,
                   "pool_type": "avg", "final_ln_after_pool": False, "pos_embed_type": "learnable",
                   "norm_kwargs": {"eps": v.layer_norm_eps}}
-    else:
-        vision = {"image_size": v.image_size, "timm_model_name": "local-dir:" + os.path.abspath(trunk_dir),
+    else:  # a registered timm name needs no path (the folder stays relocatable); else the trunk folder
+        registry = timm_registry_name(cfg)
+        trunk = registry if registry is not None else "local-dir:" + os.path.abspath(trunk_dir)
+        vision = {"image_size": v.image_size, "timm_model_name": trunk,
                   "timm_model_pretrained": False, "timm_pool": "avg", "timm_proj": "linear",
                   "timm_proj_bias": False}
     text = {"context_length": x.context_length, "vocab_size": x.vocab_size, "width": x.width, "heads": x.heads,
@@ -217,10 +230,20 @@ def export_open_clip(source: Source, output_dir: str, *, tokenizer: Optional[str
                 elif name != "head.bias":  # RILS's projection has no bias
                     writer.write("visual.trunk." + name, tensor)
         _write_targets(writer, source, text_targets)
+    relocatable = vision_tower == "native" or timm_registry_name(cfg) is not None
     if vision_tower == "timm":
-        os.makedirs(trunk_dir, exist_ok=True)
-        write_json(os.path.join(trunk_dir, "config.json"), timm_hub_config(cfg, source))
-        written["timm_trunk"] = trunk_dir
+        if relocatable:
+            written["timm_trunk"] = f"timm architecture {timm_registry_name(cfg)} (by name: no path in the folder)"
+        else:
+            os.makedirs(trunk_dir, exist_ok=True)
+            write_json(os.path.join(trunk_dir, "config.json"), timm_hub_config(cfg, source))
+            written["timm_trunk"] = trunk_dir
+            written["warning"] = (
+                f"this OpenCLIP export loads only from {os.path.abspath(output_dir)}: its vision tower "
+                f"({describe_vision(cfg)}) differs in activation from the text tower, so it is a timm trunk, "
+                "and no registered timm architecture has its shape, so open_clip_config.json names the trunk "
+                "folder by absolute path (timm resolves it against the current directory). After moving or "
+                "copying the folder run: python -m rils_scale.checkpoint.open_clip_export relocate NEW_DIR")
 
     image = _image_config(cfg)
     write_json(os.path.join(output_dir, OPEN_CLIP_CONFIG), {
@@ -229,6 +252,7 @@ def export_open_clip(source: Source, output_dir: str, *, tokenizer: Optional[str
                            "interpolation": "bicubic", "resize_mode": "shortest", "fill_color": 0},
         "rils_scale": {
             "source": source.describe(), "vision_tower": vision_tower, "decoder": "not exported",
+            "relocatable": relocatable,
             "notes": ["OpenCLIP's transform converts RGBA/LA/palette-with-transparency images with "
                       "PIL convert('RGB') (transparent pixels take their stored colour); rils_scale "
                       "composites them on white first. RGB, L and CMYK inputs are processed alike.",
@@ -239,3 +263,44 @@ def export_open_clip(source: Source, output_dir: str, *, tokenizer: Optional[str
     written.update(weights=weights, config=os.path.join(output_dir, OPEN_CLIP_CONFIG),
                    tokenizer=", ".join(os.path.basename(p) for p in hf_files) + " + tokenizer.model")
     return written
+
+
+def relocate_open_clip(path: str) -> str:
+    """Point a moved export's ``timm_model_name`` at its own ``timm_trunk`` folder again (only
+    exports whose trunk no timm architecture name builds carry a path). Returns the new name."""
+    config_path = os.path.join(path, OPEN_CLIP_CONFIG)
+    trunk = os.path.join(path, TIMM_TRUNK_DIR)
+    if not os.path.isfile(config_path):
+        raise CheckpointError(f"{path} holds no {OPEN_CLIP_CONFIG}: not an OpenCLIP export")
+    with open(config_path) as f:
+        config = json.load(f)
+    vision = config["model_cfg"]["vision_cfg"]
+    if not str(vision.get("timm_model_name", "")).startswith("local-dir:"):
+        return str(vision.get("timm_model_name", "native"))  # nothing to relocate
+    if not os.path.isfile(os.path.join(trunk, "config.json")):
+        raise CheckpointError(f"{trunk}/config.json is missing: copy the whole export folder")
+    vision["timm_model_name"] = "local-dir:" + os.path.abspath(trunk)
+    write_json(config_path, config)
+    return vision["timm_model_name"]
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    import argparse
+    parser = argparse.ArgumentParser(
+        prog="python -m rils_scale.checkpoint.open_clip_export",
+        description="relocate DIR: after moving an OpenCLIP export whose timm trunk is named by path, point "
+                    "it at DIR/timm_trunk (exports without a path need nothing)")
+    parser.add_argument("command", choices=("relocate",))
+    parser.add_argument("dir", help="the export folder, where it is now")
+    args = parser.parse_args(argv)
+    try:
+        name = relocate_open_clip(args.dir)
+    except CheckpointError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(f"[open_clip_export] {args.dir}: vision tower {name}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import tarfile
 from typing import Iterable, Iterator, List, Optional, Sequence, Tuple
@@ -20,6 +21,16 @@ from .shards import add_member
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 DEFAULT_TEMPLATES = ("a photo of a {c}.",)
+MIN_SHARDS = 4
+"""``clip_benchmark eval``'s default ``--num_workers``: webdataset gives each DataLoader worker
+whole shards, and a worker without one fails the run, so a split has at least this many."""
+MAX_SHARD_SIZE = 10000
+
+
+def default_shard_size(num_samples: int) -> int:
+    """Samples per shard that cut ``num_samples`` into :data:`MIN_SHARDS` shards (more when that
+    would exceed :data:`MAX_SHARD_SIZE` per shard)."""
+    return max(1, min(MAX_SHARD_SIZE, math.ceil(num_samples / MIN_SHARDS)))
 
 
 def to_clip_benchmark_template(template: str) -> str:
@@ -135,17 +146,45 @@ def write_builtin(name: str, root: str, *, image_size: int = 32, seed: int = 0,
     from .builtin import write_named_builtin
     tmp = tempfile.mkdtemp(prefix="rils_builtin_", dir=work_dir)
     try:
-        write_named_builtin(name, tmp, image_size=image_size, seed=seed)
+        written = write_named_builtin(name, tmp, image_size=image_size, seed=seed)
         with open(os.path.join(tmp, "classes.json")) as f:
             meta = json.load(f)
-        size = shard_size or 10000
+        sizes = {split: shard_size or default_shard_size(written[split]["count"]) for split in ("heldout", "train")}
         result = {"test": convert_labelled_shards(os.path.join(tmp, "heldout"), root, meta["class_names"],
-                                                  meta["templates"], "test", size)}
+                                                  meta["templates"], "test", sizes["heldout"])}
         result["train"] = write_split(root, "train", iter_labelled_shards(shard_files(os.path.join(tmp, "train"))),
-                                      len(meta["class_names"]), size)
+                                      len(meta["class_names"]), sizes["train"])
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return result
+
+
+def _has_shards(path: str) -> bool:
+    return os.path.isdir(path) and (os.path.isfile(os.path.join(path, "nshards.txt"))
+                                    or any(f.endswith(".tar") for f in os.listdir(path)))
+
+
+def read_layout(path: str, split: str = "test") -> Optional[dict]:
+    """If ``path`` is a CLIP_benchmark set (its ROOT, or one split directory inside it), what
+    evaluation needs: ``{"root", "data" (the split dir), "train_data" (ROOT/train or None),
+    "class_names", "templates" (with ``{}``, as rils_scale's prompts)}``; else None."""
+    path = os.path.normpath(path)
+    if os.path.isfile(os.path.join(path, "classnames.txt")) and _has_shards(os.path.join(path, split)):
+        root, data = path, os.path.join(path, split)
+    elif _has_shards(path) and os.path.isfile(os.path.join(os.path.dirname(path), "classnames.txt")):
+        root, data = os.path.dirname(path), path
+    else:
+        return None
+    with open(os.path.join(root, "classnames.txt"), encoding="utf-8") as f:
+        names = [line.strip() for line in f if line.strip()]
+    templates = None
+    tpath = os.path.join(root, "zeroshot_classification_templates.txt")
+    if os.path.isfile(tpath):
+        with open(tpath, encoding="utf-8") as f:
+            templates = [line.strip().replace("{c}", "{}") for line in f if line.strip()] or None
+    train = os.path.join(root, "train")
+    return {"root": root, "data": data, "class_names": names, "templates": templates,
+            "train_data": train if _has_shards(train) and os.path.normpath(train) != data else None}
 
 
 def read_image_bytes(path: str) -> Tuple[bytes, str]:

@@ -36,9 +36,10 @@ EMPTY_SHARD = "empty_shard"
 LINK_MEMBER = "link_member"
 OVERSIZED_MEMBER = "oversized_member"
 OVERSIZED_IMAGE = "oversized_image"
+BAD_LABEL = "bad_label"  # evaluation of CLIP_benchmark shards: KEY.cls missing or not a class id
 SKIP_REASONS = (MISSING_IMAGE, CORRUPT_IMAGE, MISSING_CAPTION, EMPTY_CAPTION, BAD_UTF8, BAD_JSON,
                 TRUNCATED_SHARD, TRUNCATED_SAMPLE, UNREADABLE_SHARD, EMPTY_SHARD, LINK_MEMBER,
-                OVERSIZED_MEMBER, OVERSIZED_IMAGE)
+                OVERSIZED_MEMBER, OVERSIZED_IMAGE, BAD_LABEL)
 
 USED_EXTENSIONS = frozenset((*IMAGE_EXTENSIONS, CAPTION_EXTENSION, JSON_EXTENSION))
 """The only members the tar reader reads; every other member is skipped unread."""
@@ -83,6 +84,19 @@ def decode_caption(sample: dict) -> str:
     if not text:
         raise BadSample(EMPTY_CAPTION)
     return text
+
+
+def decode_cls_label(sample: dict) -> dict:
+    """CLIP_benchmark's ``KEY.cls`` (the class id as text) as metadata ``{"label": id}``; raises
+    BadSample(bad_label) when missing or not a non-negative integer."""
+    raw = sample.get("cls")
+    try:
+        label = int(raw.decode("ascii").strip()) if raw is not None and len(raw) <= 32 else -1
+    except (UnicodeDecodeError, ValueError):
+        label = -1
+    if label < 0:
+        raise BadSample(BAD_LABEL)
+    return {"label": label}
 
 
 def decode_json(sample: dict) -> dict:

@@ -30,6 +30,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 from .dealing import deal_indices, stream_shards
+from .stream_state import StreamState
 
 LOADER_STATE_VERSION = 1
 _FILE = "loader_state_dp{}.json"
@@ -152,7 +153,6 @@ def _redeal(saved, urls, counts, dp_rank, dp_size, num_workers, seed) -> ResumeP
     weights = [float(limit) if limit is not None else float(counts[index[url]]) if counts else 1.0
                for url, _, limit in work]
     dealt = deal_indices(list(range(len(work))), weights, dp_size, num_workers)
-    from .pipeline import StreamState
     states = tuple(asdict(StreamState(epoch=epoch, items=[work[i] for i in dealt[dp_rank * num_workers + s]]))
                    for s in range(num_workers))
     return ResumePlan("redeal", epoch, states)

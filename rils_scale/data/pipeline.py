@@ -38,46 +38,23 @@ import time
 import weakref
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .dealing import check_dealable, read_sample_counts, stream_shards
-from .decode import (MISSING_IMAGE, TRUNCATED_SAMPLE, BadSample, decode_caption, decode_image, decode_json,
-                     find_image_member)
+from .decode import (MISSING_IMAGE, TRUNCATED_SAMPLE, USED_EXTENSIONS, BadSample, decode_caption,
+                     decode_cls_label, decode_image, decode_json, find_image_member)
 from .seeding import sample_seed
 from .sources import SKIP_KEY, check_local_shards_exist, expand_urls, iter_tar_samples
+from .stream_state import StreamState
 from .tokenizer import Tokenizer
 from .transforms import CropResize, eval_transform
 
 WORKER_SIGTERM_GRACE_S = 60
 """A DataLoader worker outlives SIGTERM by at most this long (see ``_worker_init``)."""
-
-
-@dataclass
-class StreamState:
-    """Position of one stream after a batch; JSON-serialisable (``vars`` / ``from_json``; per batch the
-    loader serialises ``vars(snapshot)``: ``asdict``'s recursive deep copy cost 0.2 ms per sample)."""
-
-    epoch: int
-    cursor: int = 0
-    """Index of the current work item (shard) in this epoch's list."""
-    offset: int | None = None
-    """Byte offset of the next sample inside the current item; None: the item's start."""
-    taken: int = 0
-    """Samples already taken from the current item (for items with a limit)."""
-    buffer: list = field(default_factory=list)
-    """Shuffle buffer contents, in buffer order, as ``[shard url, sample offset]`` references."""
-    rng: list | None = None
-    """``random.Random.getstate()`` of the shuffle RNG; None: the epoch's fresh seed."""
-    items: list | None = None
-    """``[[url, start offset, max samples or None], ...]`` of this epoch; None: the regular deal."""
-
-    @classmethod
-    def from_json(cls, value: dict) -> "StreamState":
-        return cls(**value)
 
 
 @dataclass(frozen=True)
@@ -524,21 +501,25 @@ class EvalLoader:
     """
 
     def __init__(self, urls: Sequence[str], tokenizer: Tokenizer | None, image_size: int, batch_size: int,
-                 context_length: int):
+                 context_length: int, layout: str = "laion"):
         self.urls, self.tokenizer, self.batch_size, self.context_length = urls, tokenizer, batch_size, context_length
         self.transform = eval_transform(image_size)
+        self.layout = layout  # "laion" (KEY.txt + KEY.json) | "clip_benchmark" (KEY.cls label, no caption)
+        self.skipped_total: Counter = Counter()  # the last iteration's counts, trailing skips included
 
     def _samples(self, skipped: Counter) -> Iterator[tuple]:
+        cb = self.layout == "clip_benchmark"
         for url in self.urls:
-            for sample in iter_tar_samples(url, lambda reason: skipped.update((reason,))):
+            for sample in iter_tar_samples(url, lambda reason: skipped.update((reason,)),
+                                           extensions=USED_EXTENSIONS | {"cls"} if cb else USED_EXTENSIONS):
                 try:
                     if SKIP_KEY in sample:
                         raise BadSample(sample[SKIP_KEY])
                     image_ext = find_image_member(sample)
                     if image_ext is None:
                         raise BadSample(MISSING_IMAGE)
-                    caption = decode_caption(sample)
-                    meta = decode_json(sample)
+                    caption, meta = ("", decode_cls_label(sample)) if cb else (decode_caption(sample),
+                                                                                 decode_json(sample))
                     image = decode_image(sample[image_ext])
                 except BadSample as bad:
                     skipped[bad.reason] += 1
@@ -551,11 +532,13 @@ class EvalLoader:
                  "json": [m for *_, m in items], "skipped": dict(skipped)}
         if self.tokenizer is not None:
             batch["token_ids"] = self.tokenizer(batch["captions"], self.context_length)
+        self.skipped_total.update(skipped)
         skipped.clear()
         return batch
 
     def __iter__(self) -> Iterator[dict]:
         skipped: Counter = Counter()
+        self.skipped_total = Counter()
         items: list = []
         for item in self._samples(skipped):
             items.append(item)
@@ -564,13 +547,15 @@ class EvalLoader:
                 items = []
         if items:
             yield self._collate(items, skipped)
+        self.skipped_total.update(skipped)  # bad samples after the last good one
 
 
 def build_eval_loader(urls, tokenizer: Tokenizer | None, image_size: int, batch_size: int, *,
-                      context_length: int = 77) -> EvalLoader:
-    """Ordered evaluation batches over ``urls`` (same URL forms as ``build_train_loader``)."""
+                      context_length: int = 77, layout: str = "laion") -> EvalLoader:
+    """Ordered evaluation batches over ``urls`` (same URL forms as ``build_train_loader``);
+    ``layout="clip_benchmark"`` reads CLIP_benchmark's ``KEY.cls`` labels (no captions)."""
     if batch_size < 1 or image_size < 1:
         raise ValueError("batch_size and image_size must be >= 1")
     expanded = expand_urls(urls)
     check_local_shards_exist(expanded)
-    return EvalLoader(expanded, tokenizer, image_size, batch_size, context_length)
+    return EvalLoader(expanded, tokenizer, image_size, batch_size, context_length, layout)

@@ -81,15 +81,18 @@ def _encode_images(model, images: torch.Tensor, device, with_encoder: bool = Fal
 
 @torch.no_grad()
 def extract_features(model, path: str, *, batch_size: int = 128, max_samples: int = 0,
-                     with_text: bool = True, with_encoder: bool = False) -> Features:
-    """Encode a labelled dataset with a :func:`rils_scale.load_model` model."""
+                     with_text: bool = True, with_encoder: bool = False, layout: str = "laion") -> Features:
+    """Encode a labelled dataset with a :func:`rils_scale.load_model` model. ``layout``: shards
+    in the LAION layout (``KEY.txt`` + ``KEY.json``) or CLIP_benchmark's (``KEY.cls``, no caption).
+    ``Features.skipped`` counts every sample the reader dropped, by reason."""
     device = next(model.parameters()).device
     if is_image_folder(path):
         return _image_folder_features(model, path, batch_size, max_samples, device, with_encoder)
     from ..data.pipeline import build_eval_loader
     cfg = model.cfg
+    with_text = with_text and layout != "clip_benchmark"  # no captions there
     loader = build_eval_loader(path, model.tokenizer if with_text else None, cfg.vision.image_size, batch_size,
-                               context_length=cfg.text.context_length)
+                               context_length=cfg.text.context_length, layout=layout)
     images, encoder, texts, labels, captions, names, skipped = [], [], [], [], [], {}, {}
     has_labels, seen = True, 0
     for batch in loader:
@@ -110,11 +113,12 @@ def extract_features(model, path: str, *, batch_size: int = 128, max_samples: in
             labels.append(int(meta["label"]))
             if "class_name" in meta:
                 names[int(meta["label"])] = str(meta["class_name"])
-        for k, v in batch.get("skipped", {}).items():
-            skipped[k] = skipped.get(k, 0) + int(v)
         seen += take
+    skipped = dict(loader.skipped_total)  # complete: trailing bad samples come after the last batch
     if not images:
-        raise ValueError(f"no usable samples in {path} (skipped: {skipped})")
+        hint = (" -- a split of a CLIP_benchmark set (KEY.cls labels, no captions)? pass the set's folder"
+                if skipped.get("missing_caption") and layout == "laion" else "")
+        raise ValueError(f"no usable samples in {path} (skipped: {skipped or 'none: no shard holds a sample'}){hint}")
     return Features(torch.cat(images), torch.tensor(labels) if has_labels else None,
                     torch.cat(texts) if with_text else None, captions, names, skipped,
                     torch.cat(encoder) if with_encoder else None)

@@ -101,10 +101,25 @@ def localization(model, data: str, *, batch_size: int = 128, max_samples: int = 
             "objects_without_inside_patch": no_patch, "inside_threshold": inside_threshold}
 
 
+def map_phrases(meta: dict, background: Optional[str] = None) -> List[str]:
+    """The phrases a scene's map is drawn against: its objects', then ``background`` with ``{}``
+    replaced by the sample's background name (``"the {} background"`` -> ``"the black
+    background"``; ``"the background"`` when the JSON names none)."""
+    phrases = [o["phrase"] for o in meta["objects"]]
+    if background:
+        phrases.append(" ".join(background.replace("{}", str(meta.get("background", ""))).split()))
+    return phrases
+
+
 @torch.no_grad()
-def render_localization_maps(model, data: str, num: int = 6, cell: int = 128) -> Image.Image:
+def render_localization_maps(model, data: str, num: int = 6, cell: int = 128,
+                             background: Optional[str] = None) -> Image.Image:
     """Maps of the first ``num`` multi-object images of ``data`` against their own object
-    phrases (one row per image: image | argmax phrase | a heat map per phrase)."""
+    phrases (one row per image: image | closest phrase | a heat map per phrase).
+    ``background``: a phrase added last to each image's list, so background patches have a
+    phrase of their own instead of going to the nearest object's; ``{}`` is replaced by the
+    sample's background name (``KEY.json`` "background", e.g. "the {} background" -> "the black
+    background"; "the" when the JSON has none)."""
     from ..data.pipeline import build_eval_loader
     from .visualize import TEACHER_TEMPERATURE, denormalize, render_maps
     cfg = model.cfg
@@ -115,7 +130,7 @@ def render_localization_maps(model, data: str, num: int = 6, cell: int = 128) ->
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
     panels = []
     for i in rows:
-        phrases = [o["phrase"] for o in batch["json"][i]["objects"]]
+        phrases = map_phrases(batch["json"][i], background)
         patches = model.encode_patches(batch["images"][i:i + 1].to(device, dtype), normalize=True).float().cpu()
         probs = torch.softmax(patches @ cache(phrases).t() / TEACHER_TEMPERATURE, dim=-1)
         panels.append(render_maps([denormalize(batch["images"][i])], probs, phrases, cell=cell))

@@ -23,14 +23,20 @@ def read_lines(path: str) -> List[str]:
         return [line.rstrip("\n") for line in f if line.strip()]
 
 
-def builtin_paths(root: str, image_size: int, dataset: str = "shapes") -> Dict[str, object]:
+def builtin_paths(root: str, image_size: int, dataset: Optional[str] = None) -> Dict[str, object]:
     """``root/heldout`` (evaluation) and ``root/train`` of a built-in dataset, with its class names
-    and prompt templates from ``root/classes.json``. Writes the dataset (``dataset``: shapes |
-    digits) first when ``root`` holds none."""
+    and prompt templates from ``root/classes.json``. Writes the dataset first when ``root`` holds
+    none: ``dataset`` (scenes | shapes | digits), or by default the one ``root``'s name names
+    (``data/shapes`` -> shapes), else scenes."""
     import json
     from ..data import builtin
     if not (os.path.isdir(os.path.join(root, "heldout")) and os.path.isdir(os.path.join(root, "train"))):
-        print(f"[evaluate] writing the built-in {dataset!r} dataset to {root} (image size {image_size})", flush=True)
+        named = os.path.basename(os.path.normpath(root))
+        how = "--builtin-name" if dataset else ("the folder's name" if named in builtin.BUILTIN_DATASETS else
+                                                "the default; --builtin-name shapes|digits for the others")
+        dataset = dataset or (named if named in builtin.BUILTIN_DATASETS else "scenes")
+        print(f"[evaluate] writing the built-in {dataset!r} dataset to {root} ({how}; image size {image_size})",
+              flush=True)
         builtin.write_named_builtin(dataset, root, image_size=image_size)
     classes = os.path.join(root, "classes.json")
     if os.path.isfile(classes):
@@ -56,19 +62,54 @@ def _class_names(test: Features, train: Optional[Features], given: Optional[Sequ
     return [names[i] for i in range(len(names))]
 
 
-def evaluate(model, *, data: str, train_data: Optional[str] = None, tasks: Sequence[str] = TASKS,
+def _skips(what: str, features: Features) -> str:
+    n = sum(features.skipped.values())
+    return f"; skipped {n} {what} sample(s): {dict(sorted(features.skipped.items()))}" if n else "; nothing skipped"
+
+
+def evaluate(model, *, data: str, train_data: Optional[str] = None, tasks: Optional[Sequence[str]] = None,
              class_names: Optional[Sequence[str]] = None, templates: Optional[Sequence[str]] = None,
              shots: Sequence[int] = DEFAULT_SHOTS, seeds: Sequence[int] = DEFAULT_SEEDS, few_shot_method: str = "ncm",
              probe_c: Optional[float] = None, batch_size: int = 128, max_samples: int = 0,
              max_train_samples: int = 0, probe_features: str = "encoder", log=print) -> Dict[str, object]:
-    """``probe_features``: what the linear probe and k-shot read -- ``encoder`` (pooled,
+    """Run ``tasks`` on ``data`` and return every number.
+
+    ``tasks=None`` runs every task the data allows and records each one it left out, with the
+    reason, as ``{"skipped": reason}`` (zero-shot needs labels and class names, retrieval
+    captions, the linear probe and k-shot labelled ``train_data``, localisation object masks);
+    a task named explicitly that cannot run is an error. ``data`` may be LAION-layout shards,
+    an ImageFolder, or a CLIP_benchmark set (``make_shards.py --layout clip_benchmark``: its
+    folder or a split), whose class names, templates and ``train`` split are defaults.
+    ``probe_features``: what the linear probe and k-shot read -- ``encoder`` (pooled,
     final-normed encoder features before the projection, as the paper's tables) or ``joint``
-    (the projected image-text embedding)."""
+    (the projected image-text embedding). Samples the readers dropped are counted by reason in
+    ``results["skipped_samples"]``."""
+    from ..data.clip_benchmark import read_layout
+    strict = tasks is not None
+    tasks = list(TASKS if tasks is None else tasks)
     unknown = set(tasks) - set(TASKS)
     if unknown:
         raise ValueError(f"unknown task(s) {sorted(unknown)}; choose from {TASKS}")
     if probe_features not in PROBE_FEATURES:
         raise ValueError(f"unknown probe features {probe_features!r}; choose from {PROBE_FEATURES}")
+    layout, cb = "laion", read_layout(data)
+    if cb is not None:
+        layout, data = "clip_benchmark", cb["data"]
+        class_names, templates = class_names or cb["class_names"], templates or cb["templates"]
+        train_data = train_data or cb["train_data"]
+        log(f"[evaluate] CLIP_benchmark set {cb['root']}: images and KEY.cls labels of {data}, "
+            f"{len(cb['class_names'])} class names" + (f", training split {train_data}" if train_data else ""))
+    left_out: Dict[str, str] = {}
+
+    def leave_out(task: str, reason: str) -> None:
+        if strict:
+            raise ValueError(f"{task}: {reason}")
+        left_out[task] = reason
+        tasks.remove(task)
+
+    for task in ("linear_probe", "few_shot"):
+        if task in tasks and not train_data:
+            leave_out(task, "needs labelled training images (--train-data)")
     probing = bool({"linear_probe", "few_shot"} & set(tasks))
     with_encoder = probing and probe_features == "encoder"
     if probing:
@@ -76,39 +117,45 @@ def evaluate(model, *, data: str, train_data: Optional[str] = None, tasks: Seque
             + (" (pooled, final-normed, pre-projection)" if with_encoder else " (projected joint embedding)"))
     t0 = time.time()
     test = extract_features(model, data, batch_size=batch_size, max_samples=max_samples,
-                            with_text="retrieval" in tasks, with_encoder=with_encoder)
-    log(f"[evaluate] {len(test)} evaluation images from {data} ({time.time() - t0:.1f}s)")
+                            with_text="retrieval" in tasks, with_encoder=with_encoder, layout=layout)
+    log(f"[evaluate] {len(test)} evaluation images from {data} ({time.time() - t0:.1f}s){_skips('evaluation', test)}")
     train = None
-    if {"linear_probe", "few_shot"} & set(tasks):
-        if not train_data:
-            raise ValueError("linear_probe and few_shot need --train-data (labelled training images)")
+    if probing:
         t0 = time.time()
         train = extract_features(model, train_data, batch_size=batch_size, max_samples=max_train_samples,
-                                 with_text=False, with_encoder=with_encoder)
-        log(f"[evaluate] {len(train)} training images from {train_data} ({time.time() - t0:.1f}s)")
-    results: Dict[str, object] = {"data": data, "train_data": train_data, "num_images": len(test), "tasks": {}}
+                                 with_text=False, with_encoder=with_encoder, layout=layout)
+        log(f"[evaluate] {len(train)} training images from {train_data} ({time.time() - t0:.1f}s)"
+            f"{_skips('training', train)}")
+    results: Dict[str, object] = {"data": data, "train_data": train_data, "num_images": len(test), "tasks": {},
+                                  "skipped_samples": {"data": dict(test.skipped),
+                                                      "train_data": dict(train.skipped) if train else {}}}
     out = results["tasks"]
-    needs_labels = {"zero_shot", "linear_probe", "few_shot"} & set(tasks)
-    if needs_labels and test.labels is None:
-        raise ValueError(f"{data} has no labels (KEY.json 'label'), needed for {sorted(needs_labels)}")
+    names = _class_names(test, train, class_names)
+    for task in [t for t in tasks if t in ("zero_shot", "linear_probe", "few_shot")]:
+        if test.labels is None:
+            leave_out(task, f"{data} has no labels (KEY.json 'label', KEY.cls, or ImageFolder folders)")
+        elif task != "zero_shot" and train.labels is None:
+            leave_out(task, f"{train_data} has no labels (KEY.json 'label', KEY.cls, or ImageFolder folders)")
+        elif task == "zero_shot" and names is None:
+            leave_out(task, "needs class names: --class-names FILE, or shards whose JSON has 'class_name'")
+    if "retrieval" in tasks and (test.text is None or not any(test.captions)):
+        leave_out("retrieval", "no captions in the evaluation data (ImageFolder or CLIP_benchmark layout)")
+    if "localization" in tasks and layout == "clip_benchmark":
+        leave_out("localization", "needs object masks (KEY.json 'objects', as --builtin scenes writes)")
     for task in tasks:
         t0 = time.time()
         if task == "zero_shot":
-            names = _class_names(test, train, class_names)
-            if names is None:
-                raise ValueError("zero-shot needs class names: give --class-names FILE or shards whose JSON has "
-                                 "'class_name'")
             out[task] = zero_shot(model, test.image, test.labels, names, list(templates or DEFAULT_TEMPLATES))
         elif task == "retrieval":
-            if test.text is None or not test.captions:
-                out[task] = {"skipped": "no captions in the evaluation data (ImageFolder)"}
-                continue
             out[task] = retrieval(test.image, test.text)
         elif task == "localization":
             from .data import is_image_folder
             from .localization import localization
             out[task] = ({"skipped": "ImageFolder data has no object masks"} if is_image_folder(data) else
                          localization(model, data, batch_size=batch_size, max_samples=max_samples))
+            if "skipped" in out[task]:
+                left_out[task] = out[task]["skipped"]
+                continue
         elif task == "linear_probe":
             out[task] = linear_probe(train.probe_features(probe_features), train.labels,
                                      test.probe_features(probe_features), test.labels, c=probe_c)
@@ -119,13 +166,17 @@ def evaluate(model, *, data: str, train_data: Optional[str] = None, tasks: Seque
                                  method=few_shot_method)
             out[task]["features"] = probe_features
         out[task]["seconds"] = round(time.time() - t0, 2)
+    for task, reason in left_out.items():
+        out[task] = {"skipped": reason}
+    if left_out:
+        log("[evaluate] left out: " + "; ".join(f"{t} ({r})" for t, r in left_out.items()))
     return results
 
 
 def format_table(results: Dict[str, object]) -> str:
     """A readable summary: one line per metric, with chance level next to it."""
     rows = [("task", "metric", "value", "chance")]
-    tasks = results["tasks"]
+    tasks = {k: v for k, v in results["tasks"].items() if "skipped" not in v}
     pct = lambda v: f"{100 * v:6.2f}%"  # noqa: E731
     if "zero_shot" in tasks:
         z = tasks["zero_shot"]
@@ -133,19 +184,13 @@ def format_table(results: Dict[str, object]) -> str:
                   pct(z["chance_top1"])), ("zero-shot", "top-5", pct(z["top5"]), pct(min(1.0, 5 * z["chance_top1"])))]
     if "retrieval" in tasks:
         r = tasks["retrieval"]
-        if "skipped" in r:
-            rows.append(("retrieval", "skipped", r["skipped"], ""))
-        else:
-            for direction, label in (("image_to_text", "image->text"), ("text_to_image", "text->image")):
-                for k, v in r[direction].items():
-                    rows.append(("retrieval", f"{label} {k} ({r['num_pairs']} pairs)", pct(v), pct(r["chance"][k])))
+        for direction, label in (("image_to_text", "image->text"), ("text_to_image", "text->image")):
+            for k, v in r[direction].items():
+                rows.append(("retrieval", f"{label} {k} ({r['num_pairs']} pairs)", pct(v), pct(r["chance"][k])))
     if "localization" in tasks:
         loc = tasks["localization"]
-        if "skipped" in loc:
-            rows.append(("localization", "skipped", loc["skipped"], ""))
-        else:
-            rows.append(("localization", f"object patches -> own phrase ({loc['num_objects']} objects)",
-                         pct(loc["accuracy"]), pct(loc["chance"])))
+        rows.append(("localization", f"object patches -> own phrase ({loc['num_objects']} objects)",
+                     pct(loc["accuracy"]), pct(loc["chance"])))
     if "linear_probe" in tasks:
         p = tasks["linear_probe"]
         rows.append(("linear probe", f"top-1 ({p.get('features', 'joint')} features, C={p['C']:g}, "
@@ -157,6 +202,13 @@ def format_table(results: Dict[str, object]) -> str:
             rows.append(("k-shot", f"{k}-shot top-1 ({f['method']}, {f.get('features', 'joint')}, "
                                    f"{len(f['seeds'])} seeds)",
                          f"{100 * v['mean']:6.2f}% ± {100 * v['std']:.2f}", pct(f["chance_top1"])))
+    for task, value in results["tasks"].items():
+        if "skipped" in value:
+            rows.append((task.replace("_", " "), "left out", value["skipped"], ""))
+    skipped = {k: v for part in results.get("skipped_samples", {}).values() for k, v in part.items()}
+    if skipped:
+        rows.append(("data", "skipped samples", str(sum(skipped.values())), ", ".join(f"{k} {v}" for k, v in
+                                                                                  sorted(skipped.items()))))
     widths = [max(len(str(r[i])) for r in rows) for i in range(4)]
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))

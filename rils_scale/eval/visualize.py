@@ -5,8 +5,16 @@ normalised projected patch tokens (``encode_patches``), normalised sentence embe
 tau = 0.04, the teacher temperature of RILS's reconstruction target: these are exactly the
 distributions the decoder learns to predict for masked patches.
 
-Rendering uses PIL only (no matplotlib dependency): one row per image with the image, the
-argmax-sentence map over the image (legend below) and one heat map per sentence.
+Rendering uses PIL only (no matplotlib dependency). One row per image:
+
+- the image;
+- "closest phrase": the image again, with the patches split into regions by the phrase each is
+  most likely to belong to (argmax), region borders drawn and every region labelled with its
+  phrase's number. Numbers, not colours: the phrases name colours ("a blue triangle"), and a
+  colour-coded legend would put a yellow swatch next to the word blue;
+- one heat map per phrase (viridis, 0 to 1) and a colour bar giving the scale;
+
+and below the row the legend: each number, its phrase and the share of patches it claims.
 """
 from __future__ import annotations
 
@@ -20,8 +28,6 @@ from PIL import Image, ImageDraw, ImageFont
 
 TEACHER_TEMPERATURE = 0.04
 
-_PALETTE = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
-            (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (170, 110, 40)]
 # viridis at 5 anchors, linearly interpolated
 _HEAT = np.array([(68, 1, 84), (59, 82, 139), (33, 145, 140), (94, 201, 98), (253, 231, 37)], dtype=np.float32)
 
@@ -61,9 +67,89 @@ def _grid(values: np.ndarray, grid: int, cell: int) -> np.ndarray:
     return np.kron(values.reshape(grid, grid), np.ones((cell // grid + 1, cell // grid + 1)))[:cell, :cell]
 
 
+def _font(size: int):
+    try:
+        return ImageFont.load_default(size=size)  # Pillow >= 10.1 with FreeType: scalable
+    except (TypeError, OSError, ImportError):
+        return ImageFont.load_default()
+
+
+def _components(labels: np.ndarray) -> list:
+    """4-connected regions of equal label on a ``[g, g]`` grid: ``[(label, [(r, c), ...]), ...]``."""
+    g = labels.shape[0]
+    seen = np.zeros_like(labels, dtype=bool)
+    out = []
+    for r0 in range(g):
+        for c0 in range(g):
+            if seen[r0, c0]:
+                continue
+            stack, cells, seen[r0, c0] = [(r0, c0)], [], True
+            while stack:
+                r, c = stack.pop()
+                cells.append((r, c))
+                for rr, cc in ((r + 1, c), (r - 1, c), (r, c + 1), (r, c - 1)):
+                    if 0 <= rr < g and 0 <= cc < g and not seen[rr, cc] and labels[rr, cc] == labels[r0, c0]:
+                        seen[rr, cc] = True
+                        stack.append((rr, cc))
+            out.append((int(labels[r0, c0]), cells))
+    return out
+
+
+def _badge(draw: ImageDraw.ImageDraw, x: float, y: float, text: str, font, radius: int) -> None:
+    """A dark disc with a white number, centred at (x, y): readable on any image colour."""
+    draw.ellipse([x - radius, y - radius, x + radius, y + radius], fill=(20, 20, 20), outline=(255, 255, 255))
+    draw.text((x, y), text, fill=(255, 255, 255), font=font, anchor="mm")
+
+
+def _region_panel(base: Image.Image, arg: np.ndarray, grid: int, cell: int, font) -> Image.Image:
+    """The image with the argmax regions' borders and their phrase numbers (1-based)."""
+    panel = Image.blend(base, Image.new("RGB", base.size, (0, 0, 0)), 0.15)
+    draw = ImageDraw.Draw(panel)
+    labels = arg.reshape(grid, grid)
+    edge = [round(k * cell / grid) for k in range(grid + 1)]
+    borders = []  # between patches of different phrases
+    for r in range(grid):
+        for c in range(grid):
+            if c + 1 < grid and labels[r, c] != labels[r, c + 1]:
+                borders.append([(edge[c + 1], edge[r]), (edge[c + 1], edge[r + 1])])
+            if r + 1 < grid and labels[r, c] != labels[r + 1, c]:
+                borders.append([(edge[c], edge[r + 1]), (edge[c + 1], edge[r + 1])])
+    for fill, width in (((0, 0, 0), 4), ((255, 255, 255), 2)):  # white on black: visible on any colour
+        for line in borders:
+            draw.line(line, fill=fill, width=width)
+    radius = max(5, min(11, cell // grid // 2 + 2))
+    regions = _components(labels)
+    largest = {}
+    for label, cells in regions:
+        largest[label] = max(largest.get(label, 0), len(cells))
+    for label, cells in regions:  # every region of 2+ patches, and the largest of each phrase
+        if len(cells) < 2 and len(cells) < largest[label]:
+            continue
+        cy, cx = np.mean(cells, axis=0)
+        r, c = min(cells, key=lambda rc: (rc[0] - cy) ** 2 + (rc[1] - cx) ** 2)  # a cell inside the region
+        _badge(draw, (edge[c] + edge[c + 1]) / 2, (edge[r] + edge[r + 1]) / 2, str(label + 1), font, radius)
+    return panel
+
+
+def _colour_bar(height: int, font) -> Image.Image:
+    """A vertical viridis bar for probabilities 0..1 with ticks."""
+    bar_w, width = 12, 44
+    bar = Image.new("RGB", (width, height), (255, 255, 255))
+    values = np.linspace(1, 0, height)[:, None].repeat(bar_w, axis=1)
+    bar.paste(Image.fromarray(_heat(values)), (0, 0))
+    draw = ImageDraw.Draw(bar)
+    draw.rectangle([0, 0, bar_w - 1, height - 1], outline=(0, 0, 0))
+    for v in (1.0, 0.5, 0.0):
+        y = round((1 - v) * (height - 1))
+        draw.line([(bar_w, y), (bar_w + 3, y)], fill=(0, 0, 0))
+        draw.text((bar_w + 5, min(max(y, 6), height - 7)), f"{v:g}", fill=(0, 0, 0), font=font, anchor="lm")
+    return bar
+
+
 def render_maps(images: Sequence[Image.Image], probs: torch.Tensor, sentences: Sequence[str], *,
                 cell: int = 160, max_heatmaps: Optional[int] = None) -> Image.Image:
-    """One row per image: image | argmax map + legend | one heat map per sentence."""
+    """One row per image: image | closest-phrase regions (numbered) | a heat map per phrase |
+    colour bar, with the legend (number, phrase, share of patches) under the row."""
     b, n, s = probs.shape
     grid = int(round(n ** 0.5))
     if grid * grid != n:
@@ -71,42 +157,42 @@ def render_maps(images: Sequence[Image.Image], probs: torch.Tensor, sentences: S
     if len(sentences) != s or len(images) != b:
         raise ValueError(f"{b} images / {s} sentences do not match probabilities {tuple(probs.shape)}")
     shown = list(range(s if max_heatmaps is None else min(s, max_heatmaps)))
-    font = ImageFont.load_default()
-    title_h, pad = 28, 6
-    legend_h = 14 * s + 6
-    cols = 2 + len(shown)
-    width = cols * (cell + pad) + pad
+    font, small, badge_font = _font(13), _font(11), _font(12)
+    title_h, pad, line_h = 34, 8, 18
+    legend_h = line_h * s + 6
+    bar = _colour_bar(cell, small)
+    width = 2 * (cell + pad) + len(shown) * (cell + pad) + bar.width + 2 * pad
     row_h = title_h + cell + legend_h + pad
     canvas = Image.new("RGB", (width, b * row_h + pad), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
     p = probs.detach().float().cpu().numpy()
     for i, image in enumerate(images):
         y0 = pad + i * row_h
+        top = y0 + title_h
         base = image.convert("RGB").resize((cell, cell), Image.BICUBIC)
         x = pad
-        canvas.paste(base, (x, y0 + title_h))
+        canvas.paste(base, (x, top))
         draw.text((x, y0 + 2), "image", fill=(0, 0, 0), font=font)
-        # argmax map blended with the image
         x += cell + pad
         arg = p[i].argmax(axis=1)
-        colours = np.array([_PALETTE[j % len(_PALETTE)] for j in range(s)], dtype=np.uint8)
-        arg_map = colours[_grid(arg, grid, cell).astype(int)]
-        blend = Image.blend(base, Image.fromarray(arg_map), 0.6)
-        canvas.paste(blend, (x, y0 + title_h))
-        draw.text((x, y0 + 2), "argmax sentence", fill=(0, 0, 0), font=font)
-        ly = y0 + title_h + cell + 4
-        for j, sentence in enumerate(sentences):  # legend
+        canvas.paste(_region_panel(base, arg, grid, cell, badge_font), (x, top))
+        draw.text((x, y0 + 2), "closest phrase", fill=(0, 0, 0), font=font)
+        draw.text((x, y0 + 17), "(numbers: legend below)", fill=(90, 90, 90), font=small)
+        ly = top + cell + 6
+        for j, sentence in enumerate(sentences):  # legend: the same badges as on the map
             share = float((arg == j).mean())
-            draw.rectangle([pad, ly + 14 * j + 2, pad + 10, ly + 14 * j + 12], fill=tuple(int(c) for c in colours[j]))
-            draw.text((pad + 14, ly + 14 * j), f"[{j}] {sentence[:110]}  ({100 * share:.0f}% of patches)",
+            _badge(draw, pad + 8, ly + line_h * j + 8, str(j + 1), badge_font, 8)
+            draw.text((pad + 22, ly + line_h * j + 1), f"{sentence[:110]}: {100 * share:.0f}% of patches",
                       fill=(0, 0, 0), font=font)
-        for j in shown:  # per-sentence heat maps
+        for j in shown:  # per-phrase heat maps, one shared scale (the colour bar)
             x += cell + pad
-            heat = _heat(_grid(p[i, :, j], grid, cell))
-            canvas.paste(Image.fromarray(heat), (x, y0 + title_h))
-            label = textwrap.shorten(f"[{j}] {sentences[j]}", width=max(10, cell // 6), placeholder="..")
+            canvas.paste(Image.fromarray(_heat(_grid(p[i, :, j], grid, cell))), (x, top))
+            label = textwrap.shorten(f"{j + 1}: {sentences[j]}", width=max(10, cell // 7), placeholder="..")
             draw.text((x, y0 + 2), label, fill=(0, 0, 0), font=font)
-            draw.text((x, y0 + 14), f"max p = {p[i, :, j].max():.2f}", fill=(80, 80, 80), font=font)
+            draw.text((x, y0 + 17), f"p(patch -> {j + 1}), max {p[i, :, j].max():.2f}", fill=(90, 90, 90), font=small)
+        x += cell + pad
+        canvas.paste(bar, (x, top))
+        draw.text((x, y0 + 17), "p", fill=(0, 0, 0), font=font)
     return canvas
 
 

@@ -131,7 +131,7 @@ def _run_check(backend: str, device: torch.device) -> tuple[bool, str]:
     """CUDA: the self-check in a subprocess; CPU: in-process (pure PyTorch cannot poison a context)."""
     from . import kl_selfcheck
     if device.type == "cuda":
-        from .patch_sentence_kl import backend_available
+        from .kl_backends import backend_available
         ok, why = backend_available(backend, device)
         if not ok:
             return False, why
@@ -189,7 +189,7 @@ def backend_ok(backend: str, device: torch.device) -> tuple[bool, str]:
 
 def _time_backend(backend: str, student, teacher, prototypes, need_s, need_t, student_temp, teacher_temp) -> float:
     """Best-of-``_REPEATS`` seconds of one forward (+ backward) of ``backend`` on copies of the inputs."""
-    from .patch_sentence_kl import backend_function
+    from .kl_backends import backend_function
     fn = backend_function(backend)
     dev = student.device
     s = student.detach().clone().requires_grad_(need_s)

@@ -53,7 +53,7 @@ def check_backend(backend: str, device: torch.device | str, dtypes=None, quick: 
     """Run ``backend`` on the self-check cases, compare with the float64 reference on the same rounded
     inputs. Returns ``(ok, reason)``; never raises."""
     from .kl_reference import patch_sentence_kl_reference
-    from .patch_sentence_kl import backend_function
+    from .kl_backends import backend_function
     device = torch.device(device)
     dtypes = dtypes or ((torch.float32, torch.bfloat16, torch.float16) if device.type == "cuda"
                         else (torch.float32, torch.bfloat16))

@@ -47,7 +47,7 @@ class TrainConfig:
     grad_accum: Optional[int] = None
     """Override of gradient_accumulation_steps."""
     precision: str = "config"
-    """config (as the DeepSpeed JSON says) | bf16 | fp32."""
+    """config (as the DeepSpeed JSON says; on a CPU without native bf16, fp32 instead of its bf16) | bf16 | fp32."""
     # --- method
     mask_ratio: float = 0.75
     """Fraction of patches hidden from the masked pass."""
@@ -140,8 +140,8 @@ def _field_help(cls) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description="RILS pre-training (run with the deepspeed launcher: "
-                    "deepspeed launchers/pretrain.py --ds_config ds_configs/zero3.json ...)",
+        description="RILS pre-training: deepspeed --num_gpus N launchers/pretrain.py --ds_config "
+                    "ds_configs/zero3.json ... (also torchrun --nproc_per_node N, or plain python for one rank)",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     helps = _field_help(TrainConfig)
     for f in dataclasses.fields(TrainConfig):

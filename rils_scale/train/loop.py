@@ -21,8 +21,11 @@ from .config import TrainConfig, load_ds_config, resolve_batch_sizes
 from .engine import build_engine, compute_dtype, zero_stage
 from . import checkpointing
 from .guard import EXIT_NONFINITE, NonFiniteAbort, NonFiniteGuard
+from .launch_env import ensure_launch_env
 from .metrics import MetricsLogger, merge_skips, write_json
 from .param_clamp import clamp_logit_scale_
+from .precision import resolve_precision
+from .resume_checks import global_batch_change
 from .signals import DataWaitWatchdog, LauncherWatch, StopRequest
 
 log = logging.getLogger("rils_scale.train")
@@ -68,6 +71,8 @@ class Trainer:
         self._preflight()
         dims = ParallelDims(self.world, cfg.tensor_parallel, cfg.sequence_parallel)
         self.ds_config = resolve_batch_sizes(load_ds_config(cfg), dims.data_parallel)
+        # CPU: fp32 unless bf16 is native (or asked, or the resumed run trained in it)
+        self.precision_note = resolve_precision(cfg.precision, self.ds_config, resume_dir=cfg.resume and cfg.output_dir)
 
         self.state = init_parallel_state(cfg.tensor_parallel, cfg.sequence_parallel, cfg.collective_timeout_s)
         self.engine, self.spec = build_engine(cfg, self.model_cfg, self.ds_config, self.state)
@@ -217,6 +222,10 @@ class Trainer:
         self.rollbacks = list(client.get("rollbacks") or [])
         if self.is_main:
             print(f"[rils_scale] resumed from {point.path} at step {self.step} ({choice.why})", flush=True)
+            note = global_batch_change(self.cfg.output_dir, self.micro_batch, self.grad_accum, self.state.dp_size,
+                                       self.step)  # e.g. after a reshard
+            if note:
+                print(note, flush=True)
         if choice.newer:
             roll_back(self, point, choice.newer)
 
@@ -303,7 +312,8 @@ class Trainer:
         steps_this_run, window_start, window_steps = 0, time.perf_counter(), 0
         if self.is_main:
             print(f"[rils_scale] model {cfg.model}: world {self.world} = DP {self.state.dp_size} x TP "
-                  f"{self.state.tp_size}, ZeRO-{zero_stage(self.ds_config)}, {self.dtype}, global batch "
+                  f"{self.state.tp_size}, ZeRO-{zero_stage(self.ds_config)}, {self.dtype}"
+                  f"{f' ({self.precision_note})' if self.precision_note else ''}, global batch "
                   f"{self.global_batch}, steps {self.step}->{cfg.max_steps}", flush=True)
         exit_reason = "finished"
         while self.step < cfg.max_steps:
@@ -401,6 +411,9 @@ def train(cfg: TrainConfig) -> None:
     warnings.filterwarnings("ignore", message=r".*`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     from .launch_env import adopt_slurm_env
     adopt_slurm_env()  # ranks started by srun: RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_SIZE from Slurm's variables
+    single_rank = ensure_launch_env()  # plain `python launchers/pretrain.py`: one rank, not MPI discovery
+    if single_rank:
+        print(single_rank, flush=True)
     logging.basicConfig(level=logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING,
                         format="[%(asctime)s] %(name)s: %(message)s")
     _run_or_exit(cfg)

@@ -26,7 +26,8 @@ def check_shards(train_data, *, dp_size: int = 1, num_workers: int = 1, resample
         urls = validate_train_data(train_data, dp_size=dp_size, num_workers=max(1, num_workers),
                                    resampled=resampled)
     except (FileNotFoundError, ValueError) as err:
-        raise PreflightError(f"--train-data: {err}") from None
+        raise PreflightError(f"--train-data: {err}{shard_size_hint(train_data, dp_size * max(1, num_workers))}") \
+            from None
     if not urls:
         raise PreflightError(f"--train-data {train_data!r} names no shard")
     local = [u for u in urls if not (u.startswith("pipe:") or "://" in u)]  # remote: read lazily
@@ -38,6 +39,26 @@ def check_shards(train_data, *, dp_size: int = 1, num_workers: int = 1, resample
         print(f"[rils_scale] --train-data: {len(empty)} of {len(urls)} shards are empty; they are skipped "
               "and counted as empty_shard", flush=True)
     return urls
+
+
+def shard_size_hint(train_data, streams: int) -> str:
+    """When the shards are fewer than the streams: the rule, and the ``make_shards.py
+    --shard-size`` that would give every stream a shard (from the shards' ``_stats.json``)."""
+    from ..data.dealing import read_sample_counts
+    from ..data.sources import expand_urls
+    try:
+        urls = expand_urls(train_data)
+        counts = read_sample_counts(urls)
+    except (FileNotFoundError, ValueError, OSError):
+        return ""
+    if len(urls) >= streams:
+        return ""
+    hint = (f" Rule: shards >= nodes x GPUs per node x --num-workers (here {streams}); choose make_shards.py "
+            "--shard-size <= samples / that number")
+    if counts:
+        total = sum(counts)
+        hint += f": these {len(urls)} shard(s) hold {total} samples, so --shard-size {max(1, total // streams)}"
+    return hint + "."
 
 
 def _is_empty_shard(url: str) -> bool:

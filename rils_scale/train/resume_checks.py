@@ -9,6 +9,12 @@ with the checkpoint is compared field by field with this run's, and every differ
 that change no parameter and may legitimately change on resume (:data:`MAY_CHANGE_ON_RESUME`)
 are reported, not refused.
 
+A resume may also change the global batch (:func:`global_batch_change`): after a reshard
+(``convert_checkpoint.py --format deepspeed --tensor-parallel N``) or a launch on another number
+of GPUs, micro x accumulation x DP usually differs. Training continues correctly (step count,
+schedule and data position carry over), but every step from then on sees another number of
+samples, which changes the effective learning rate: the user hears it in one line.
+
 Sources, first found wins: the tag's marker (or, for converter outputs, ``rils_weights.json``'s
 client state), then the run's ``config.json`` (older checkpoints), then — tokenizer only — the
 run's own ``tokenizer.model``, then the vocabulary size alone (runs from before digests).
@@ -167,3 +173,23 @@ def check_resume(cfg, tokenizer_path: str, tokenizer_digest: str, vocab_size: in
     for note in notes if announce else ():
         print(f"[rils_scale] {note}", flush=True)
     return choice
+
+
+def global_batch_change(run_dir: str, micro: int, accum: int, dp: int, step: int) -> Optional[str]:
+    """A one-line warning when the global batch differs from the one recorded in ``run_dir``'s
+    ``config.json`` (the run, or the run a converted checkpoint came from); None otherwise."""
+    try:
+        with open(os.path.join(run_dir, "config.json")) as f:
+            before = json.load(f)
+        old = int(before["global_batch_size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # nothing recorded: nothing to compare
+    new = micro * accum * dp
+    if old == new:
+        return None
+    ds, parallel = before.get("deepspeed", {}), before.get("parallel", {})
+    was = (f"micro {ds.get('train_micro_batch_size_per_gpu', '?')} x accumulation "
+           f"{ds.get('gradient_accumulation_steps', '?')} x DP {parallel.get('data_parallel', '?')}")
+    return (f"[rils_scale] warning: the global batch changes from {old} ({was}) to {new} (micro {micro} x "
+            f"accumulation {accum} x DP {dp}) at step {step}: each step from here sees {new} samples; keep {old} "
+            "with --micro-batch-size / --grad-accum, or scale --lr")

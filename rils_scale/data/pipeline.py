@@ -239,9 +239,11 @@ class _Stream:
                         self._next_item()
                     else:
                         self.offset = following
-                    checked = _check(sample, self.skipped)
+                    checked, offset = _check(sample, self.skipped), sample["__offset__"]
+                    sample = None  # while the reader reads the next sample, hold nothing of this one
                     if checked is not None:
-                        yield (*checked, url, sample["__offset__"])
+                        yield (*checked, url, offset)
+                        checked = None
                     if done:
                         break
             finally:
@@ -274,9 +276,9 @@ class _Stream:
                 if exhausted or len(self.buffer) >= self.initial or size <= 1 or self.buffer_bytes >= byte_cap:
                     pick = self.rng.randrange(len(self.buffer)) if size > 1 else 0
                     self.buffer[pick], self.buffer[-1] = self.buffer[-1], self.buffer[pick]
-                    item = self.buffer.pop()
-                    self.buffer_bytes -= _held_bytes(item)
-                    yield self.epoch, item
+                    self.buffer_bytes -= _held_bytes(self.buffer[-1])
+                    item = None  # no local reference: the consumer alone holds what it was given
+                    yield self.epoch, self.buffer.pop()
             if self.dry and len(self.dry) >= len(set(self.spec.urls)):
                 raise RuntimeError(
                     f"no valid sample in any of the {len(set(self.spec.urls))} shard(s) (data stream dp_rank="
@@ -310,6 +312,8 @@ def _batch_stream(spec: StreamSpec, stream: int) -> Iterator[dict]:
         except BadSample as bad:
             skipped[bad.reason] += 1
             continue
+        finally:
+            image_bytes = None  # not held while the stream reads the next sample (docs/data.md's bound)
         source.valid()
         captions.append(caption), keys.append(key)
         if len(keys) < spec.batch_size:

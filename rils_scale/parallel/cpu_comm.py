@@ -108,8 +108,8 @@ def shm_buffer_path(rank: Optional[int] = None) -> str:
 def uses_shm_buffers() -> bool:
     """Whether DeepSpeed's CPU backend set up shared-memory buffers in this process (the same
     answer on every rank: it depends on the build and on LOCAL_SIZE == WORLD_SIZE)."""
-    try:
-        from deepspeed import comm as ds_comm
+    try:  # the module itself: ``deepspeed.comm`` re-exports ``cdb`` as it was at import (None)
+        import deepspeed.comm.comm as ds_comm
     except ImportError:
         return False
     backend = getattr(ds_comm, "cdb", None)

@@ -47,7 +47,7 @@ class ResumePoint:
 
 
 _DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
-_TORCH_WRITE_FAILURE = ("PytorchStreamWriter failed", "basic_ios::clear", "file write failed")
+_TORCH_WRITE_FAILURE = ("PytorchStreamWriter failed", "basic_ios::clear", "file write failed", "unexpected pos")
 _PEER_FAILURE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Connection refused",
                  "Socket Timeout", "Timed out", "timed out", "NCCL", "ProcessGroup", "gloo")
 
@@ -74,7 +74,8 @@ def failure_cause(err: BaseException, directory: str) -> str:
     - a collective that failed (``torch.distributed`` errors, gloo/NCCL connection errors): a
       peer rank failed (it dropped out; its own log says why), whatever the free space is;
     - torch's writer errors, which carry no errno ("PytorchStreamWriter failed writing file",
-      "basic_ios::clear"): a full disk only when the disk has less than 64 MiB free;
+      "basic_ios::clear", inline_container's "unexpected pos" on a real full tmpfs): a full disk
+      only when the disk has less than 64 MiB free;
     - anything else: a write failed.
     """
     import torch.distributed as dist

@@ -10,9 +10,9 @@ other rank's. Two problems, handled here:
   Python and CUDA, another torch or DeepSpeed, so each one's build replaced the other's).
   :func:`prepare_cpu_comm_build` points ``TORCH_EXTENSIONS_DIR`` (read by torch at build time) at
   a directory keyed by the environment (``sys.prefix``, torch and DeepSpeed versions), so each
-  environment builds once; and local rank 0 says what is being built before it starts. A build
-  lock left by a killed build (torch's ``FileBaton``: later loads wait on it forever) is removed
-  once it is old and no process on this host holds it. An explicit ``TORCH_EXTENSIONS_DIR`` wins.
+  environment builds once; and local rank 0 says what is being built before it starts. An
+  explicit ``TORCH_EXTENSIONS_DIR`` wins. (torch 2.14 guards the build with an OS-level
+  ``filelock``, which a killed build does not leave held.)
 - **The buffers** were never unlinked by DeepSpeed, and a failed launch (a preflight refusal, an
   exception, a signal) kept them: 2 x 66 MB of RAM-backed ``/dev/shm`` per launch.
   ``shm_initialize`` (``deepspeed/ops/csrc/cpu/comm/shm.cpp``) creates this rank's file and then
@@ -26,12 +26,9 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
-import time
 from typing import Optional
 
 OP_NAME = "deepspeed_shm_comm"
-STALE_LOCK_S = 900
-"""A build lock older than this that no local process holds is a killed build's (builds take < 5 min)."""
 
 
 def extensions_dir() -> str:
@@ -52,50 +49,16 @@ def extensions_dir() -> str:
 
 def prepare_cpu_comm_build(announce: bool) -> str:
     """Before ``deepspeed.init_distributed`` on a CPU run: choose the keyed build directory and,
-    if ``announce`` (local rank 0), say whether the op is built now or loaded. Returns the
+    if ``announce`` (local rank 0), say so when the op must be built first. Returns the
     directory of the op's build."""
     root = extensions_dir()
     os.environ["TORCH_EXTENSIONS_DIR"] = root
     build = os.path.join(root, OP_NAME)
     if announce:
-        _clear_stale_lock(os.path.join(build, "lock"))
         if not os.path.isfile(os.path.join(build, f"{OP_NAME}.so")):
             print(f"[rils_scale] building DeepSpeed's CPU communication op ({OP_NAME}) for this environment in "
                   f"{build}: once per environment, typically 1-5 min; later launches load it", flush=True)
     return build
-
-
-def _clear_stale_lock(lock: str) -> None:
-    try:
-        age = time.time() - os.path.getmtime(lock)
-    except OSError:
-        return
-    if age < STALE_LOCK_S or _held_by_a_local_process(lock):
-        print(f"[rils_scale] waiting for another process building {OP_NAME} (lock {lock})", flush=True)
-        return
-    try:
-        os.unlink(lock)
-        print(f"[rils_scale] removed {lock}: a build killed {age / 60:.0f} min ago left it (torch would wait on "
-              "it forever)", flush=True)
-    except OSError:
-        pass
-
-
-def _held_by_a_local_process(path: str) -> bool:
-    """Whether a process on this host has ``path`` open (torch's FileBaton keeps its fd open)."""
-    target = os.path.realpath(path)
-    for pid in filter(str.isdigit, os.listdir("/proc") if os.path.isdir("/proc") else ()):
-        try:
-            fds = os.listdir(f"/proc/{pid}/fd")
-        except OSError:
-            continue
-        for fd in fds:
-            try:
-                if os.readlink(f"/proc/{pid}/fd/{fd}") == target:
-                    return True
-            except OSError:
-                continue
-    return False
 
 
 def shm_buffer_path(rank: Optional[int] = None) -> str:

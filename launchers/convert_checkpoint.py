@@ -88,7 +88,7 @@ def main(argv=None) -> int:
         written = export(source, args.format, args.output, tensor_parallel=args.tensor_parallel or 1,
                          tokenizer=args.tokenizer, overwrite=args.overwrite, vision_tower=args.vision_tower,
                          with_optimizer=args.with_optimizer)
-    except (CheckpointError, FileNotFoundError, RuntimeError) as err:
+    except (CheckpointError, OSError, ValueError, RuntimeError) as err:  # named by the readers: no traceback
         print(f"convert_checkpoint.py: error: {err}", file=sys.stderr)
         return 1
     warning = written.pop("warning", None)

@@ -15,8 +15,30 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
+def _ephemeral_range():
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low, high = (int(v) for v in f.read().split())
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def find_free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    """A TCP port on 127.0.0.1 that was free a moment ago, chosen *below* the kernel's ephemeral
+    range: a launcher binds it seconds later (tens under load), and an ephemeral port can be
+    handed to any other socket meanwhile (gloo's pair listeners, other tests' ``bind(0)``); a
+    port outside that range is only taken by someone who names it."""
+    import random
+    low, _ = _ephemeral_range()
+    candidates = random.Random().sample(range(max(1024, low - 12000), low), 64) if low > 2048 else []
+    for port in candidates:
+        with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
         s.bind(("127.0.0.1", 0))
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -3,6 +3,7 @@
 Modules, one concern each:
     layout         run-directory and shard-file layout, the TP split rules of the model
     serialization  safe reading of DeepSpeed files, streaming safetensors writer
+    file_bounds    what a DeepSpeed file may make a reader build (checked before and after unpickling)
     consolidate    ZeRO partitions per TP rank -> merged fp32 tensors (streamed)
     sources        a DeepSpeed checkpoint or an exported rils directory, behind one interface
     export         rils / timm (hub layout) / deepspeed (weights-only, any TP) exporters

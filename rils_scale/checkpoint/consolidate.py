@@ -33,9 +33,10 @@ stay resident. Peak RSS is about one tensor plus ``release_every`` (measured in
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from collections import OrderedDict
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
 
@@ -56,6 +57,20 @@ class ReplicaMismatchError(CheckpointError):
     """A replicated parameter differs between TP ranks."""
 
 
+@contextlib.contextmanager
+def _naming(where: Union[str, Callable[[], str]]):
+    """Turn the KeyError / TypeError ... of a file that is not what its name says into a
+    ``CheckpointError`` naming the file (or tag) being read, as ``--resume`` does."""
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except (KeyError, TypeError, IndexError, AttributeError, ValueError, RuntimeError) as err:
+        place = where() if callable(where) else where
+        raise CheckpointError(f"{place}: malformed checkpoint ({type(err).__name__}: "
+                              f"{str(err).splitlines()[0][:200] if str(err) else ''})") from None
+
+
 # ------------------------------------------------------------------------- per-TP-rank readers
 class _RankReader:
     """One TP rank's checkpoint: ``names()`` in storage order, TP-local ``shapes``, ``get(name)``."""
@@ -63,8 +78,11 @@ class _RankReader:
     def __init__(self, files: ShardFiles, tp_rank: int, trusted: bool):
         self.files, self.tp_rank, self.trusted = files, tp_rank, trusted
         self._cache: Dict[str, object] = {}
+        self.last_path: Optional[str] = None
+        """The file read last (named in errors)."""
 
     def _load(self, path: str) -> dict:
+        self.last_path = path
         if path not in self._cache:
             self._cache[path] = load_ds_file(path, trusted=self.trusted)
         return self._cache[path]
@@ -239,10 +257,10 @@ class _WeightsOnlyReader(_RankReader):
         super().__init__(files, tp_rank, trusted)
         import json
         import os
-        from safetensors import safe_open
         from .layout import WEIGHTS_ONLY_MARKER
+        from .serialization import open_safetensors
         self._path = files.model_files[tp_rank][0]
-        with safe_open(self._path, framework="pt") as f:
+        with open_safetensors(self._path) as f:
             self._shapes = OrderedDict((n, torch.Size(f.get_slice(n).get_shape())) for n in f.keys())
         tag_dir = os.path.dirname(self._path)
         with open(os.path.join(tag_dir, WEIGHTS_ONLY_MARKER)) as f:
@@ -288,15 +306,21 @@ class Checkpoint:
 
     def __init__(self, ref: CheckpointRef, *, trusted: bool = False, replica_tolerance: float = 0.0):
         self.ref = ref
-        self.files = discover_files(ref.path)
+        with _naming(ref.path):
+            self.files = discover_files(ref.path)
         self.trusted, self.replica_tolerance = trusted, replica_tolerance
-        self.client_state, self.lr_scheduler = self._read_client_state()
-        cfg = self.client_state.get("model_config") or (ref.run_config() or {}).get("model")
-        if cfg is None:
-            raise CheckpointError(f"{ref.path}: no model configuration in the checkpoint or its run's config.json")
-        self.model_config = RILSConfig.from_dict(cfg)
+        first = self.files.model_files[0][0]
+        with _naming(first):
+            self.client_state, self.lr_scheduler = self._read_client_state()
+            cfg = self.client_state.get("model_config") or (ref.run_config() or {}).get("model")
+            if cfg is None:
+                raise CheckpointError(f"{ref.path}: no model configuration in the checkpoint or its run's config.json")
+            self.model_config = RILSConfig.from_dict(cfg)
         self.layout: Dict[str, ShardSpec] = tensor_parallel_layout_for(self.model_config, self.tp_size)
-        self.readers = [self._reader(t) for t in range(self.tp_size)]
+        self.readers = []
+        for t in range(self.tp_size):
+            with _naming(self.files.model_files[t][0]):
+                self.readers.append(self._reader(t))
         self._check_names()
 
     # metadata -------------------------------------------------------------------------------
@@ -401,14 +425,14 @@ class Checkpoint:
         ``"exp_avg"`` / ``"exp_avg_sq"`` gives Adam's moments of that parameter instead."""
         spec = self.layout.get(name)
         if spec is not None:
-            shards = [r.get(name, kind) for r in self.readers]
+            shards = [self._get(r, name, kind) for r in self.readers]
             for r, s in zip(self.readers, shards):
                 if s.shape != self.readers[0].shapes()[name]:
                     raise CheckpointError(f"{name}: TP rank {r.tp_rank} shard has shape {tuple(s.shape)}")
             return merge_shards(shards, spec.partition_dim, spec.stride, spec.vocab_size)
-        first = self.readers[0].get(name, kind)
+        first = self._get(self.readers[0], name, kind)
         for r in self.readers[1:]:
-            other = r.get(name, kind)
+            other = self._get(r, name, kind)
             if other.shape != first.shape:
                 raise ReplicaMismatchError(f"replicated parameter {name}: shape {tuple(other.shape)} on TP rank "
                                            f"{r.tp_rank}, {tuple(first.shape)} on TP rank 0")
@@ -422,6 +446,10 @@ class Checkpoint:
                     "identical copies; a difference means a corrupted file or a training bug (a replicated "
                     "parameter's gradient not identical across TP). Pass --replica-tolerance to accept small drift.")
         return first
+
+    def _get(self, reader: _RankReader, name: str, kind: str) -> torch.Tensor:
+        with _naming(lambda: f"{reader.last_path or self.ref.path} ({kind} {name})"):
+            return reader.get(name, kind)
 
     def iter_full_tensors(self, names: Optional[List[str]] = None, release_every: int = DEFAULT_RELEASE_EVERY,
                           kind: str = "fp32") -> Iterator[Tuple[str, torch.Tensor]]:

@@ -35,7 +35,11 @@ def load_model(path: str, device: Union[str, torch.device] = "cpu", *, tag: Opti
     cfg = source.model_config
     model = RILS(cfg, attn_backend="auto")
     state = dict(source.iter_full_tensors())
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # shapes that do not fit the configuration stored next to them
+        raise CheckpointError(f"{path}: the weights do not fit the model its configuration describes "
+                              f"({str(err).strip().splitlines()[-1][:300]})") from None
     if missing or unexpected:
         raise CheckpointError(f"{path}: weights do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
     del state

@@ -10,7 +10,9 @@ contain. The list was taken from real files with
 files hold ``LossScaler`` and ``ZeroStageEnum``; fp16 runs ``DynamicLossScaler``; ZeRO-1/2 files
 ``fragment_address``; model-states files none). The weights-only unpickler rebuilds an
 allowlisted class by ``__new__`` + ``__setstate__``/``__dict__`` update, so none of DeepSpeed's
-code runs either. Anything else is refused with :class:`UnsafeCheckpointError`;
+code runs either. The file is also held to the bounds of :mod:`.file_bounds` (only the globals a
+DeepSpeed file uses, bounded objects, tensors backed by the archive's own storages), checked
+before and after unpickling. Anything else is refused with :class:`UnsafeCheckpointError`;
 ``--trust-pickle`` (``trusted=True``) restores DeepSpeed's full unpickling for files you wrote.
 
 Unlike :func:`rils_scale.checkpoint.serialization.load_ds_file` (the converter's reader, which
@@ -25,11 +27,13 @@ from typing import List
 
 import torch
 
+from .file_bounds import UnsafeCheckpointError, check_after_unpickling, check_before_unpickling, refusal
+
+from .layout import CheckpointError
+
 log = logging.getLogger(__name__)
 
-
-class UnsafeCheckpointError(RuntimeError):
-    """A checkpoint file needs a pickle global outside the allowlist (never unpickled)."""
+__all__ = ["CheckpointError", "UnsafeCheckpointError", "install_safe_checkpoint_engine", "safe_torch_load"]
 
 
 def deepspeed_safe_globals() -> List:
@@ -46,20 +50,29 @@ def deepspeed_safe_globals() -> List:
 
 
 def safe_torch_load(path: str, map_location=None, trusted: bool = False):
-    """``torch.load`` of a DeepSpeed file with the allowlist; full unpickling only if ``trusted``."""
+    """``torch.load`` of a DeepSpeed file with the allowlist and the bounds of
+    :mod:`.file_bounds`; full unpickling only if ``trusted``."""
     try:
-        with torch.serialization.safe_globals(deepspeed_safe_globals()):
-            return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as err:
-        if trusted:
-            log.warning("%s: needs a global outside the allowlist; unpickling fully (--trust-pickle)", path)
-            return torch.load(path, map_location=map_location, weights_only=False)
-        lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
-        first = next((ln for ln in lines if "global" in ln.lower()), lines[0] if lines else type(err).__name__)[:300]
-        raise UnsafeCheckpointError(
-            f"{path}: refused, it needs code outside the allowlist of DeepSpeed classes to unpickle "
-            f"({first}). Nothing was executed. If this checkpoint comes from your own run, resume "
-            "with --trust-pickle.") from None
+        bounds = check_before_unpickling(path)
+        try:
+            with torch.serialization.safe_globals(deepspeed_safe_globals()):
+                state = torch.load(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as err:
+            lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+            first = next((ln for ln in lines if "global" in ln.lower()), lines[0] if lines else type(err).__name__)
+            raise refusal(path, first[:300]) from None
+        except Exception as err:  # a truncated or damaged archive
+            raise CheckpointError(f"{path}: not a readable torch file ({str(err).splitlines()[0][:200]})") from None
+        check_after_unpickling(bounds, state)
+        return state
+    except UnsafeCheckpointError:
+        if not trusted:
+            raise
+    log.warning("%s: refused by the restricted reader; unpickling fully (--trust-pickle)", path)
+    try:
+        return torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as err:  # noqa: BLE001 (--trust-pickle on a file that is no pickle at all)
+        raise CheckpointError(f"{path}: not a readable torch file ({str(err).splitlines()[0][:200]})") from None
 
 
 def _torch_engine_class():

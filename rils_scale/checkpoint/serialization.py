@@ -5,10 +5,11 @@ Reading. DeepSpeed pickles a few of its own objects next to the tensors (``LossS
 ``ZeroStageEnum``, the ``fragment_address`` dataclass of ZeRO-1/2). We load every file with
 ``torch.load(weights_only=True)`` and map exactly those global names to inert stand-in classes
 defined here, so no DeepSpeed code (and no other code) runs while unpickling, and DeepSpeed
-does not even have to be installed to convert a checkpoint. A file that needs any other global
-fails with torch's ``UnpicklingError``; ``load_ds_file(..., trusted=True)`` (CLI:
-``--trust-pickle``) falls back to a full unpickle, which is only acceptable for files you
-wrote yourself. Files are memory-mapped (``mmap=True``): tensors are read from disk when
+does not even have to be installed to convert a checkpoint. Before and after unpickling the file
+is held to the bounds of :mod:`.file_bounds` (the globals a DeepSpeed file uses, bounded
+objects, tensors backed by the archive's storages); anything else is refused naming the file;
+``load_ds_file(..., trusted=True)`` (CLI: ``--trust-pickle``) falls back to a full unpickle,
+which is only acceptable for files you wrote yourself. Files are memory-mapped (``mmap=True``): tensors are read from disk when
 touched, so the optimizer moments stored next to the fp32 master weights never enter memory.
 
 Writing. :class:`StreamingSafetensorsWriter` writes the safetensors header first (names,
@@ -20,10 +21,13 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import struct
 from typing import Dict, Iterable, Mapping, Optional, Sequence, Tuple
 
 import torch
+
+from .layout import CheckpointError
 
 
 # ---------------------------------------------------------------------------------- reading
@@ -60,22 +64,38 @@ _DEEPSPEED_GLOBALS = [
 def load_ds_file(path: str, *, mmap: bool = True, trusted: bool = False) -> dict:
     """Load one DeepSpeed checkpoint file on CPU, memory-mapped, without running pickled code.
 
+    The file is checked before and after unpickling (:mod:`.file_bounds`): only the globals a
+    DeepSpeed file uses, bounded objects, tensors backed by the archive's own storages.
+
     Args:
         path: a ``*_model_states.pt`` / ``*_optim_states.pt`` file.
         mmap: map tensor storages from the file instead of reading them.
-        trusted: if the restricted unpickler refuses the file, unpickle it fully. Only for
+        trusted: if the restricted reader refuses the file, unpickle it fully. Only for
             files you produced yourself (a pickle can execute arbitrary code).
+
+    Raises:
+        UnsafeCheckpointError (a ``CheckpointError`` and ``RuntimeError``) naming the file and the
+        reason it was refused; ``CheckpointError`` for a file that is not a readable torch file.
     """
+    from .file_bounds import UnsafeCheckpointError, check_after_unpickling, check_before_unpickling, refusal
     try:
-        with torch.serialization.safe_globals(_DEEPSPEED_GLOBALS):
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except Exception as err:  # UnpicklingError, or RuntimeError for old non-zip files with mmap
+        bounds = check_before_unpickling(path)
+        try:
+            with torch.serialization.safe_globals(_DEEPSPEED_GLOBALS):
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        except pickle.UnpicklingError as err:
+            raise refusal(path, str(err).splitlines()[0][:200]) from None
+        except Exception as err:  # a truncated or damaged archive
+            raise CheckpointError(f"{path}: not a readable torch file ({str(err).splitlines()[0][:200]})") from None
+        check_after_unpickling(bounds, state)
+        return state
+    except UnsafeCheckpointError:
         if not trusted:
-            raise RuntimeError(
-                f"{path}: refused by the restricted unpickler ({str(err).splitlines()[0][:200]}). If this "
-                "file comes from your own training run, retry with trusted=True (CLI: --trust-pickle), "
-                "which unpickles it fully.") from None
+            raise
+    try:
         return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
+    except Exception as err:  # noqa: BLE001 (--trust-pickle on a file that is no pickle at all)
+        raise CheckpointError(f"{path}: not a readable torch file ({str(err).splitlines()[0][:200]})") from None
 
 
 # ---------------------------------------------------------------------------------- writing
@@ -167,9 +187,22 @@ def write_json(path: str, obj) -> None:
     os.replace(tmp, path)
 
 
+def open_safetensors(path: str):
+    """``safetensors.safe_open`` on CPU; a malformed file raises ``CheckpointError`` naming it
+    (safetensors' own ``SafetensorError`` says neither which file nor that it is one of ours)."""
+    from safetensors import safe_open
+    try:
+        return safe_open(path, framework="pt", device="cpu")
+    except Exception as err:  # SafetensorError (header, offsets), OSError; never a pickle: nothing runs
+        raise CheckpointError(f"{path}: not a valid safetensors file ({str(err).splitlines()[0][:200]})") from None
+
+
 def iter_safetensors(path: str, names: Optional[Iterable[str]] = None):
     """``(name, tensor)`` from a safetensors file, one tensor in memory at a time."""
-    from safetensors import safe_open
-    with safe_open(path, framework="pt", device="cpu") as f:
+    with open_safetensors(path) as f:
         for name in (names if names is not None else f.keys()):
-            yield name, f.get_tensor(name)
+            try:
+                tensor = f.get_tensor(name)
+            except Exception as err:  # a name missing from the header, a dtype torch lacks
+                raise CheckpointError(f"{path}: cannot read tensor {name!r} ({str(err).splitlines()[0][:200]})") from None
+            yield name, tensor

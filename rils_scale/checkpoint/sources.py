@@ -22,12 +22,22 @@ RILS_WEIGHTS = "model.safetensors"
 RILS_CONFIG = "config.json"
 
 
+def _read_config(path: str) -> dict:
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except (OSError, ValueError) as err:  # ValueError: malformed JSON, undecodable bytes
+        raise CheckpointError(f"{path}: not a readable JSON config ({err})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(config).__name__}")
+    return config
+
+
 def is_rils_dir(path: str) -> bool:
     cfg = os.path.join(path, RILS_CONFIG)
     if not (os.path.isfile(cfg) and os.path.isfile(os.path.join(path, RILS_WEIGHTS))):
         return False
-    with open(cfg) as f:
-        return json.load(f).get("format") == RILS_FORMAT
+    return _read_config(cfg).get("format") == RILS_FORMAT
 
 
 class RilsDirSource:
@@ -35,12 +45,15 @@ class RilsDirSource:
 
     def __init__(self, path: str):
         self.path = os.path.abspath(path)
-        with open(os.path.join(self.path, RILS_CONFIG)) as f:
-            self.config = json.load(f)
-        self.model_config = RILSConfig.from_dict(self.config["model"])
-        from safetensors import safe_open
+        self.config = _read_config(os.path.join(self.path, RILS_CONFIG))
+        try:
+            self.model_config = RILSConfig.from_dict(self.config["model"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise CheckpointError(f"{os.path.join(self.path, RILS_CONFIG)}: no usable model configuration "
+                                  f"({type(err).__name__}: {err})") from None
+        from .serialization import open_safetensors
         self._weights = os.path.join(self.path, RILS_WEIGHTS)
-        with safe_open(self._weights, framework="pt") as f:
+        with open_safetensors(self._weights) as f:
             self._shapes = OrderedDict((n, torch.Size(f.get_slice(n).get_shape())) for n in f.keys())
         source = self.config.get("source", {})
         self.step = source.get("step")

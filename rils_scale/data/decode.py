@@ -37,9 +37,10 @@ LINK_MEMBER = "link_member"
 OVERSIZED_MEMBER = "oversized_member"
 OVERSIZED_IMAGE = "oversized_image"
 BAD_LABEL = "bad_label"  # evaluation of CLIP_benchmark shards: KEY.cls missing or not a class id
+ABANDONED_SHARD = "abandoned_shard"
 SKIP_REASONS = (MISSING_IMAGE, CORRUPT_IMAGE, MISSING_CAPTION, EMPTY_CAPTION, BAD_UTF8, BAD_JSON,
                 TRUNCATED_SHARD, TRUNCATED_SAMPLE, UNREADABLE_SHARD, EMPTY_SHARD, LINK_MEMBER,
-                OVERSIZED_MEMBER, OVERSIZED_IMAGE, BAD_LABEL)
+                OVERSIZED_MEMBER, OVERSIZED_IMAGE, ABANDONED_SHARD, BAD_LABEL)
 
 USED_EXTENSIONS = frozenset((*IMAGE_EXTENSIONS, CAPTION_EXTENSION, JSON_EXTENSION))
 """The only members the tar reader reads; every other member is skipped unread."""

@@ -26,6 +26,10 @@ Why these choices:
     stream drops the batches it produced among the first ``N`` (cost O(N)).
   * Samples are transformed as soon as they are decoded, so a stream holds at most a batch of
     small uint8 crops, never full-size decodes; members and pixels are capped (``decode``).
+  * The shuffle buffer holds encoded samples and is bounded in bytes as well as in samples
+    (``shuffle_buffer_bytes``): 32 junk 63 MiB ``.jpg`` members in a 2 MB ``.tar.gz`` once drove a
+    worker to 1.84 GB. A full buffer (in either unit) emits before it takes the next sample, so it
+    holds at most ``shuffle_buffer_bytes`` plus one sample (docs/data.md states the per-worker bound).
   * Bad data is skipped and counted per reason (see ``decode.SKIP_REASONS``); counts ride
     along in each batch's ``skipped`` dict so they reach the main process from workers.
 """
@@ -55,6 +59,10 @@ from .transforms import CropResize, eval_transform
 
 WORKER_SIGTERM_GRACE_S = 60
 """A DataLoader worker outlives SIGTERM by at most this long (see ``_worker_init``)."""
+
+SHUFFLE_BUFFER_BYTES = 256 << 20
+"""Default bound on the encoded bytes in one stream's shuffle buffer (2000 LAION-size samples
+of ~50 KB are 100 MB; the sample count is then the limit)."""
 
 
 @dataclass(frozen=True)
@@ -89,6 +97,8 @@ class StreamSpec:
     """Saved ``StreamState`` per stream of this rank (JSON); None: replay ``start_batch`` batches."""
     jpeg_draft: bool = True
     """Decode JPEGs at reduced scale when the crop allows (``transforms.CropResize``)."""
+    shuffle_buffer_bytes: int = SHUFFLE_BUFFER_BYTES
+    """Encoded bytes (image + caption) the shuffle buffer may hold before it stops growing."""
 
     @property
     def streams_per_rank(self) -> int:
@@ -143,6 +153,7 @@ class _Stream:
             version, internal, gauss = state.rng
             self.rng.setstate((version, tuple(internal), gauss))
         self.buffer = self._reread(state.buffer)
+        self.buffer_bytes = sum(_held_bytes(item) for item in self.buffer)
 
     def _fresh_rng(self, epoch: int) -> random.Random:
         return random.Random(sample_seed("shuffle", self.spec.seed, epoch, self.spec.dp_rank, self.stream))
@@ -205,9 +216,11 @@ class _Stream:
                         self._next_item()
                     else:
                         self.offset = following
-                    checked = _check(sample, self.skipped)
+                    checked, offset = _check(sample, self.skipped), sample["__offset__"]
+                    sample = None  # while the reader reads the next sample, hold nothing of this one
                     if checked is not None:
-                        yield (*checked, url, sample["__offset__"])
+                        yield (*checked, url, offset)
+                        checked = None
                     if done:
                         break
             finally:
@@ -217,8 +230,9 @@ class _Stream:
 
     def samples(self) -> Iterator[tuple[int, tuple]]:
         """Infinite (epoch, (key, image bytes, caption, url, offset)); webdataset-style shuffle:
-        emit once ``initial`` samples are buffered, grow the buffer by up to 2 per emitted sample."""
-        size = self.spec.shuffle_buffer
+        emit once ``initial`` samples are buffered, grow the buffer by up to 2 per emitted sample;
+        a buffer holding ``shuffle_buffer_bytes`` takes nothing until it has emitted."""
+        size, byte_cap = self.spec.shuffle_buffer, self.spec.shuffle_buffer_bytes
         while True:
             if self.items is None:
                 self.items = [[url, 0, None] for url in shards_for_stream(self.spec, self.epoch, self.stream)]
@@ -226,16 +240,21 @@ class _Stream:
             exhausted = False
             while True:
                 for _ in range(1 if len(self.buffer) + 1 >= size else 2):
+                    if self.buffer_bytes >= byte_cap:
+                        break
                     item = None if exhausted else next(source, None)
                     if item is None:
                         exhausted = True
                         break
                     self.buffer.append(item)
+                    self.buffer_bytes += _held_bytes(item)
                 if not self.buffer:
                     break
-                if exhausted or len(self.buffer) >= self.initial or size <= 1:
+                if exhausted or len(self.buffer) >= self.initial or size <= 1 or self.buffer_bytes >= byte_cap:
                     pick = self.rng.randrange(len(self.buffer)) if size > 1 else 0
                     self.buffer[pick], self.buffer[-1] = self.buffer[-1], self.buffer[pick]
+                    self.buffer_bytes -= _held_bytes(self.buffer[-1])
+                    item = None  # no local reference: the consumer alone holds what it was given
                     yield self.epoch, self.buffer.pop()
             if self.dry and len(self.dry) >= len(set(self.spec.urls)):
                 raise RuntimeError(
@@ -245,6 +264,11 @@ class _Stream:
             self.epoch += 1
             self.items, self.cursor, self.offset, self.taken = None, 0, None, 0
             self.rng = self._fresh_rng(self.epoch)
+
+
+def _held_bytes(item: tuple) -> int:
+    """Encoded bytes a buffered ``(key, image bytes, caption, url, offset)`` holds."""
+    return len(item[1]) + len(item[2])
 
 
 def _batch_stream(spec: StreamSpec, stream: int) -> Iterator[dict]:
@@ -265,6 +289,8 @@ def _batch_stream(spec: StreamSpec, stream: int) -> Iterator[dict]:
         except BadSample as bad:
             skipped[bad.reason] += 1
             continue
+        finally:
+            image_bytes = None  # not held while the stream reads the next sample (docs/data.md's bound)
         source.valid()
         captions.append(caption), keys.append(key)
         if len(keys) < spec.batch_size:
@@ -398,6 +424,8 @@ def _validate(spec: StreamSpec) -> None:
             raise ValueError(f"{name} must be >= 1, got {getattr(spec, name)}")
     if spec.num_workers < 0 or spec.start_batch < 0 or spec.epoch < 0:
         raise ValueError("num_workers, start_batch and epoch must be >= 0")
+    if spec.shuffle_buffer_bytes < 1:
+        raise ValueError(f"shuffle_buffer_bytes must be >= 1, got {spec.shuffle_buffer_bytes}")
     needed = spec.dp_size * spec.streams_per_rank
     if not spec.resampled and len(spec.urls) < needed:
         raise ValueError(
@@ -425,7 +453,8 @@ def build_train_loader(urls, tokenizer: Tokenizer, *, image_size: int, context_l
                        dp_rank: int, dp_size: int, num_workers: int, seed: int, shuffle_buffer: int = 2000,
                        resampled: bool = False, start_batch: int = 0, epoch: int = 0,
                        pin_memory: bool = False, prefetch_factor: int = 2, resume: dict | None = None,
-                       shuffle_initial: int | None = None, jpeg_draft: bool = True) -> TimedLoader:
+                       shuffle_initial: int | None = None, jpeg_draft: bool = True,
+                       shuffle_buffer_bytes: int = SHUFFLE_BUFFER_BYTES) -> TimedLoader:
     """Infinite loader of this data-parallel rank's batches (see the module docstring).
 
     Each batch: ``images`` uint8 ``[B, S, S, 3]`` (channels-last, not normalised: pass them
@@ -448,7 +477,7 @@ def build_train_loader(urls, tokenizer: Tokenizer, *, image_size: int, context_l
                       context_length=context_length, batch_size=batch_size, dp_rank=dp_rank, dp_size=dp_size,
                       num_workers=num_workers, seed=seed, shuffle_buffer=shuffle_buffer, resampled=resampled,
                       start_batch=start_batch, epoch=plan.epoch, counts=counts, shuffle_initial=shuffle_initial,
-                      states=plan.states, jpeg_draft=jpeg_draft)
+                      states=plan.states, jpeg_draft=jpeg_draft, shuffle_buffer_bytes=shuffle_buffer_bytes)
     _validate(spec)
     check_local_shards_exist(spec.urls)
     # batch_size=None: workers already batch. The stream never ends, so DataLoader epochs (and

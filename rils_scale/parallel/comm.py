@@ -136,15 +136,13 @@ def release_cpu_shm_buffer() -> Optional[str]:
 
     DeepSpeed's CPU backend (``deepspeed/ops/csrc/cpu/comm/shm.cpp``, all ranks on one machine)
     creates ``/dev/shm/deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank>``
-    (66 MB) per rank and never unlinks it, so every CPU run leaked 66 MB per rank of RAM-backed
-    /dev/shm (seen here: 21 GB after a day of test runs, and the machine swapping). Peers map
-    each other's buffers at start-up and a mapping outlives the unlink, so each rank removes its
-    own file when it leaves, on success and on failure alike.
+    (66 MB) per rank and never unlinks it (seen here: 21 GB after a day of test runs, and the
+    machine swapping). A mapping outlives the unlink; peers open the name only while DeepSpeed
+    sets up, so :func:`rils_scale.parallel.cpu_comm.release_shm_buffer_once_mapped` calls this
+    right after every rank has done so.
     """
-    name = "deepspeed_allreduce_buffer_{}_{}_{}_{}".format(
-        os.getuid(), os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", ""),
-        os.environ.get("RANK", "0"))
-    path = os.path.join("/dev/shm", name)
+    from .cpu_comm import shm_buffer_path
+    path = shm_buffer_path()
     try:
         os.unlink(path)
     except (FileNotFoundError, PermissionError, NotADirectoryError):

@@ -12,9 +12,10 @@
    that it never names an older tag than the newest complete one unless a user (or a roll
    back) chose so; a ``latest`` naming a tag without marker is passed over on resume.
 
-Any failure while writing (a full disk: ``ENOSPC``; torch reports it as "basic_ios::clear" or
-"PytorchStreamWriter failed writing file") raises :class:`CheckpointWriteError` naming the tag
-and the cause; the trainer exits non-zero; the previous tag and ``latest`` are untouched.
+Any failure while writing raises :class:`CheckpointWriteError` naming the tag and the cause
+(:func:`failure_cause`: a full disk only when the error says so, or torch's errno-less writer
+error on a disk with < 64 MiB free; a broken collective is a peer's failure, never "disk full");
+the trainer exits non-zero; the previous tag and ``latest`` are untouched.
 
 ``resume`` loads the tag chosen by ``integrity.resume_tag`` (``latest`` when complete, else the
 newest complete tag, or ``--resume-from``): weights-only tags (converter outputs) through
@@ -50,16 +51,52 @@ class ResumePoint:
     client_state: dict
 
 
-def _is_disk_full(err: BaseException, directory: str) -> bool:
-    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
-        return True
-    text = str(err)
-    if "No space left" in text or "ENOSPC" in text:
-        return True
+_DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+_TORCH_WRITE_FAILURE = ("PytorchStreamWriter failed", "basic_ios::clear", "file write failed", "unexpected pos")
+_PEER_FAILURE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Connection refused",
+                 "Socket Timeout", "Timed out", "timed out", "NCCL", "ProcessGroup", "gloo")
+
+
+def _chain(err: BaseException):
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        yield err
+        err = err.__cause__ or err.__context__
+
+
+def _free_bytes(directory: str) -> Optional[int]:
     try:
-        return shutil.disk_usage(directory).free < 64 * 2 ** 20
+        return shutil.disk_usage(directory).free
     except OSError:
-        return False
+        return None
+
+
+def failure_cause(err: BaseException, directory: str) -> str:
+    """Why a save failed, in words: only an error that says so is a full disk.
+
+    - ``ENOSPC`` / ``EDQUOT`` (errno or text) anywhere in the exception chain: the disk is full;
+    - a collective that failed (``torch.distributed`` errors, gloo/NCCL connection errors): a
+      peer rank failed (it dropped out; its own log says why), whatever the free space is;
+    - torch's writer errors, which carry no errno ("PytorchStreamWriter failed writing file",
+      "basic_ios::clear", inline_container's "unexpected pos" on a real full tmpfs): a full disk
+      only when the disk has less than 64 MiB free;
+    - anything else: a write failed.
+    """
+    import torch.distributed as dist
+    chain = list(_chain(err))
+    text = " | ".join(str(e) for e in chain)
+    if any(isinstance(e, OSError) and e.errno in _DISK_FULL_ERRNOS for e in chain) or \
+            "No space left" in text or "ENOSPC" in text or "Disk quota exceeded" in text:
+        return "the disk is full (ENOSPC)"
+    dist_error = getattr(dist, "DistError", ())
+    if any(isinstance(e, dist_error) for e in chain) or any(k in text for k in _PEER_FAILURE):
+        return "a peer rank failed during the save (a collective broke off; see that rank's error)"
+    if any(k in text for k in _TORCH_WRITE_FAILURE):
+        free = _free_bytes(directory)
+        if free is not None and free < 64 * 2 ** 20:
+            return f"the disk is full ({free >> 20} MiB free)"
+    return "a write failed"
 
 
 MARKER_KEYS = ("batches_consumed", "tokenizer_sha256", "model_config", "tensor_parallel", "skip_batches", "rollbacks")
@@ -80,7 +117,7 @@ def save(trainer, client_state: dict, write_extra: Optional[Callable[[str], None
             write_extra(tag_dir)
         integrity.fsync_tree(tag_dir)
     except Exception as err:
-        cause = "the disk is full (ENOSPC)" if _is_disk_full(err, directory) else "a write failed"
+        cause = failure_cause(err, directory)
         raise CheckpointWriteError(
             f"rank {trainer.rank}: could not write checkpoint {tag_dir}: {cause}: {type(err).__name__}: "
             f"{str(err).strip()[:300]}. The previous checkpoint ({integrity.read_latest(directory)}) is intact; "
@@ -102,7 +139,7 @@ def save(trainer, client_state: dict, write_extra: Optional[Callable[[str], None
 def resume(trainer, tag: Optional[str] = None) -> Optional[ResumePoint]:
     """Load ``tag`` (default: ``integrity.resume_tag``) into ``trainer.engine``; ``None`` if there is none."""
     from ..checkpoint.resume import load_weights_only_checkpoint, load_zero3_on_another_dp, weights_only_tag_dir
-    from ..checkpoint.safe_load import UnsafeCheckpointError, install_safe_checkpoint_engine
+    from ..checkpoint.safe_load import CheckpointError, install_safe_checkpoint_engine
 
     directory = os.path.join(trainer.cfg.output_dir, "checkpoints")
     tag = tag or integrity.resume_tag(directory)[0]
@@ -123,7 +160,7 @@ def resume(trainer, tag: Optional[str] = None) -> Optional[ResumePoint]:
         install_safe_checkpoint_engine(trainer.engine, trusted=trainer.cfg.trust_pickle)
         try:
             path, client = trainer.engine.load_checkpoint(directory, tag=tag)
-        except UnsafeCheckpointError as err:
+        except CheckpointError as err:  # refused (file_bounds) or unreadable: named, never a traceback
             raise SystemExit(f"--resume: {err}") from None
     if path is None:
         raise SystemExit(f"could not load the checkpoint {tag_dir}")

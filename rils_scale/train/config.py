@@ -166,6 +166,8 @@ def parse_args(argv: Optional[List[str]] = None) -> TrainConfig:
         raise SystemExit(f"--recon-target must be one of {RECON_TARGETS}")
     if cfg.precision not in ("config", "bf16", "fp32"):
         raise SystemExit("--precision must be config, bf16 or fp32")
+    from .options import validate_options
+    validate_options(cfg)  # ranges (seed >= 0, log_every >= 1, ...): before any process group
     from .run_dir import check_run_options
     check_run_options(cfg)
     return cfg

@@ -16,7 +16,7 @@ from ..data.transforms import prepare_images
 from ..models import get_config
 from ..objectives import LossConfig, RILSLoss
 from ..parallel import ParallelDims, init_parallel_state
-from ..parallel import comm
+from ..parallel import comm, cpu_comm
 from .config import TrainConfig, load_ds_config, resolve_batch_sizes
 from .engine import build_engine, compute_dtype, zero_stage
 from . import checkpointing
@@ -54,8 +54,11 @@ class Trainer:
             # (measured here: 2 ranks x 2 threads on 2 cores ran 5-10x slower than 2 x 1).
             local = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", "1")))
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local)))
+        if get_accelerator().device_name() == "cpu":  # says what is built; once per environment
+            cpu_comm.prepare_cpu_comm_build(announce=int(os.environ.get("LOCAL_RANK", "0")) == 0)
         deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
                                    timeout=datetime.timedelta(seconds=cfg.collective_timeout_s))
+        cpu_comm.release_shm_buffer_once_mapped()  # no /dev/shm name outlives this run, however it ends
         self.rank = dist.get_rank()
         self.world = dist.get_world_size()
         self.is_main = self.rank == 0
@@ -450,6 +453,5 @@ def _run_or_exit(cfg: TrainConfig) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
-    # Only after a clean finish (every rank passed the last checkpoint barrier): a rank that
-    # failed early may leave peers still waiting to map its buffer, so failures keep it.
+    # Normally unlinked right after start-up (parallel/cpu_comm.py); a no-op then.
     comm.release_cpu_shm_buffer()

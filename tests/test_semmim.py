@@ -171,6 +171,24 @@ def test_flops_and_parameter_counts_match_the_module():
     assert rils_step_flops(cfg, BATCH, BATCH, recon_backend="reference")["total"] == counter.get_total_flops()
 
 
+def test_planner_counts_the_momentum_branch():
+    from rils_scale.train.capacity import PlanConfig, communication_bytes, memory_per_gpu
+    from rils_scale.train.flops import model_params
+    rils_cfg = get_config("vit_b16", decoder_text_conditioning=True)
+    semmim_cfg = get_config("vit_b16", recipe="semmim", decoder_text_conditioning=True)
+    kw = dict(gpus=16, tensor_parallel=2, zero_stage=3, micro_batch=64)
+    rils, semmim = memory_per_gpu(PlanConfig(rils_cfg, **kw)), memory_per_gpu(PlanConfig(semmim_cfg, **kw))
+    p = model_params(semmim_cfg)
+    per_rank = p["momentum_sharded"] / 2 + (p["momentum"] - p["momentum_sharded"])
+    assert rils["momentum"] == 0
+    assert semmim["momentum"] == pytest.approx((2 + 4) * per_rank / 8)  # bf16 weights + fp32 EMA, over DP
+    assert semmim["activations_by_tower"]["fusion"] > 0 and semmim["peak"] > rils["peak"]
+    zero2 = memory_per_gpu(PlanConfig(semmim_cfg, **dict(kw, zero_stage=2)))
+    assert zero2["momentum"] == pytest.approx(6 * per_rank)  # replicated over DP below stage 3
+    comm = communication_bytes(PlanConfig(semmim_cfg, **kw))["zero3_param_allgather"]
+    assert comm > communication_bytes(PlanConfig(rils_cfg, **kw))["zero3_param_allgather"]
+
+
 def test_recipe_defaults_and_checks():
     from rils_scale.train.config import parse_args
     base = ["--ds_config", "x.json"]

@@ -4,9 +4,6 @@ consolidated online weights. The launcher-level run (training, exact resume, exp
 is ``test_semmim_launcher.py``."""
 from __future__ import annotations
 
-import math
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F

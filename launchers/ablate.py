@@ -12,6 +12,10 @@ Variants (``--variants``, default all):
   pixel         pixel-space target (MAE normalised pixels) instead of the language space
   vision        vision-space target (the unmasked pass's patch features, no text prototypes)
   rils_textdec  RILS + text-conditioned decoder (SemMIM's text injection)
+  semmim        the SemMIM recipe (--recipe semmim: momentum encoder, K-code targets with text
+                injection, agreement of global features, text-guided masking, text-conditioned decoder)
+  semmim_no_text_targets   SemMIM without text injection in the targets (--no-target-text-injection)
+  semmim_no_agreement      SemMIM without agreement learning (--agreement-weight 0)
 
 Every run uses the built-in ``scenes`` data (written once), one tokenizer, the ``tiny``
 preset, one CPU rank in fp32 with ZeRO-2 (a plain ``python launchers/pretrain.py`` with the rank set in
@@ -44,11 +48,25 @@ VARIANTS = {
     "pixel": ["--recon-target", "pixel"],
     "vision": ["--recon-target", "vision"],
     "rils_textdec": ["--decoder-text-conditioning"],
+    "semmim": ["--recipe", "semmim"],
+    "semmim_no_text_targets": ["--recipe", "semmim", "--no-target-text-injection"],
+    "semmim_no_agreement": ["--recipe", "semmim", "--agreement-weight", "0"],
 }
+SEMMIM_EMA = "0.9"
+"""--ema-momentum of the SemMIM runs here: DINO's 0.996 averages over ~250 steps, longer than a
+whole 150-step ablation run (the teacher would stay at its initialisation); 0.9 averages over
+~10 steps, a few per cent of the run, as 0.996 is of a long run."""
+for _name, _args in VARIANTS.items():
+    if _name.startswith("semmim"):
+        _args += ["--ema-momentum", SEMMIM_EMA]
+TEACHER = "semmim_teacher"
+"""Not a run of its own: the momentum encoder of each ``semmim`` run, evaluated in the student's place."""
 DESCRIPTIONS = {
     "rils": "RILS (language-space target)", "clip": "CLIP only (recon weight 0)",
     "rils_tgm": "RILS + text-guided masking", "pixel": "pixel-space target (MAE)",
     "vision": "vision-space target", "rils_textdec": "RILS + text-conditioned decoder",
+    "semmim": "SemMIM (full)", "semmim_no_text_targets": "SemMIM w/o text injection in targets",
+    "semmim_no_agreement": "SemMIM w/o agreement learning", TEACHER: "SemMIM (full), momentum encoder",
 }
 METRICS = (("zero_shot", "zero-shot top-1"), ("localization", "localisation"), ("linear_probe", "linear probe top-1"))
 
@@ -56,7 +74,8 @@ METRICS = (("zero_shot", "zero-shot top-1"), ("localization", "localisation"), (
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output", default="runs/ablate", help="data/, one run directory per variant and seed, results.json")
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
+                   help="runs to train (semmim also reports its momentum encoder as semmim_teacher)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=150, help="optimizer steps per run")
     p.add_argument("--micro-batch", type=int, default=32, help="images per step (one rank)")
@@ -121,28 +140,41 @@ def train_and_evaluate(args, variant: str, seed: int, data: str, tokenizer: str)
     import torch
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     from rils_scale.checkpoint.load import load_model
-    from rils_scale.eval.runner import builtin_paths, evaluate
     torch.set_grad_enabled(False)
     model = load_model(run_dir)
-    opts = builtin_paths(data, model.cfg.vision.image_size, "scenes")
-    res = evaluate(model, tasks=["zero_shot", "localization", "linear_probe"], probe_c=args.probe_c,
-                   log=lambda *_: None, **opts)["tasks"]
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         last = [json.loads(line) for line in f if line.strip()][-1]
     out = {"variant": variant, "seed": seed, "steps": last["step"], "train_seconds": round(train_s, 1),
-           "zero_shot": res["zero_shot"]["top1"], "zero_shot_chance": res["zero_shot"]["chance_top1"],
-           "localization": res["localization"]["accuracy"], "localization_chance": res["localization"]["chance"],
-           "linear_probe": res["linear_probe"]["top1"], "final_clip_loss": last["clip_loss"],
-           "final_recon_loss": last["recon_loss"]}
+           **_evaluate(args, model, data), "final_clip_loss": last["clip_loss"], "final_recon_loss": last["recon_loss"]}
+    for key in ("code_ppl_patch", "code_ppl_global", "code_row_ppl_patch", "agreement_loss"):
+        if key in last:  # SemMIM's collapse check at the end of training
+            out[f"final_{key}"] = last[key]
+    if variant == "semmim":  # its momentum encoder in the student's place (convert_checkpoint.py --which teacher)
+        model.visual.load_state_dict(model.momentum.visual.state_dict())
+        out[TEACHER] = _evaluate(args, model, data)
     with open(result_path, "w") as f:
         json.dump(out, f, indent=1)
     return out
 
 
-def table(results: list, variants, seeds) -> str:
+def _evaluate(args, model, data) -> dict:
+    from rils_scale.eval.runner import builtin_paths, evaluate
+    opts = builtin_paths(data, model.cfg.vision.image_size, "scenes")
+    res = evaluate(model, tasks=["zero_shot", "localization", "linear_probe"], probe_c=args.probe_c,
+                   log=lambda *_: None, **opts)["tasks"]
+    return {"zero_shot": res["zero_shot"]["top1"], "zero_shot_chance": res["zero_shot"]["chance_top1"],
+            "localization": res["localization"]["accuracy"], "localization_chance": res["localization"]["chance"],
+            "linear_probe": res["linear_probe"]["top1"]}
+
+
+def table(results: list, variants, seeds, reference: str = "rils") -> str:
+    """Mean ± std over seeds; Δ and p: paired against ``reference`` (same seeds)."""
     from rils_scale.eval.stats import mean_std, paired_t_test
     by = {(r["variant"], r["seed"]): r for r in results}
-    ref = [by[("rils", s)] for s in seeds] if "rils" in variants else None
+    for r in results:  # the momentum encoder of each semmim run, as a row of its own
+        if TEACHER in r:
+            by[(TEACHER, r["seed"])] = dict(r[TEACHER], variant=TEACHER, seed=r["seed"])
+    ref = [by[(reference, s)] for s in seeds] if reference in variants else None
     head = "| variant | " + " | ".join(f"{name} (mean ± std)" for _, name in METRICS) + " |"
     lines = [head, "|" + "---|" * (len(METRICS) + 1)]
     for v in variants:
@@ -152,7 +184,7 @@ def table(results: list, variants, seeds) -> str:
             vals = [r[key] for r in runs]
             ms = mean_std(vals)
             cell = f"{100 * ms['mean']:.1f} ± {100 * ms['std']:.1f}"
-            if ref is not None and v != "rils":
+            if ref is not None and v != reference:
                 t = paired_t_test(vals, [r[key] for r in ref])
                 p_text = "n/a: same Δ on every seed" if t["p"] != t["p"] else f"{t['p']:.3f}"
                 cell += f" (Δ {100 * t['mean_diff']:+.1f}, p={p_text})"
@@ -176,7 +208,11 @@ def main(argv=None) -> int:
             print(f"[ablate] {variant:<13} seed {seed}: zero-shot {r['zero_shot']:.3f}  localisation "
                   f"{r['localization']:.3f}  probe {r['linear_probe']:.3f}  ({r['train_seconds']}s training)",
                   flush=True)
-    md = table(results, args.variants, args.seeds)
+    md = table(results, args.variants + ([TEACHER] if "semmim" in args.variants else []), args.seeds)
+    semmim_rows = [v for v in args.variants if v.startswith("semmim_")]
+    if "semmim" in args.variants:
+        md += ("\n\nSemMIM's parts, paired against SemMIM (full) on the same seeds:\n\n"
+               + table(results, ["semmim", TEACHER] + semmim_rows, args.seeds, reference="semmim"))
     command = "python launchers/ablate.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     with open(os.path.join(args.output, "results.json"), "w") as f:
         json.dump({"command": command, "results": results}, f, indent=1)

@@ -12,6 +12,8 @@
     #   deepspeed launchers/pretrain.py ... --tensor-parallel 4 --output-dir runs/b16_tp4 --resume
     python launchers/convert_checkpoint.py --checkpoint runs/b16 --format deepspeed \\
         --tensor-parallel 4 --output runs/b16_tp4
+    # a --recipe semmim run: its momentum encoder instead of the online one (any of rils/timm/open_clip)
+    python launchers/convert_checkpoint.py --checkpoint runs/semmim --which teacher --format timm --output exports/t
 
 --format deepspeed writes tp_rank_XX.safetensors (+ _optim) shards that DeepSpeed's own
 load_checkpoint cannot read: continue training with pretrain.py --output-dir OUT --resume
@@ -47,6 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "named by its timm architecture when one has the encoder's shape (presets small and up: "
                         "the folder is relocatable), else by the absolute path of OUT/timm_trunk (see "
                         "docs/checkpoints.md)")
+    p.add_argument("--which", default="student", choices=("student", "teacher"),
+                   help="--recipe semmim runs: export the online model (student, default) or, in its place, the "
+                        "momentum encoder (teacher: vision encoder, text-fusion block and code head are the EMA "
+                        "weights; projections and text tower stay the student's); rils / timm / open_clip formats")
     p.add_argument("--tokenizer", default=None, help="tokenizer.model to ship (default: the run's copy)")
     p.add_argument("--replica-tolerance", type=float, default=0.0,
                    help="max abs difference accepted between TP copies of a replicated parameter "
@@ -73,14 +79,18 @@ def main(argv=None) -> int:
         parser.error("--tensor-parallel only applies to --format deepspeed")
     if args.format != "deepspeed" and args.with_optimizer is not None:
         parser.error("--with-optimizer / --weights-only only apply to --format deepspeed")
+    if args.format == "deepspeed" and args.which != "student":
+        parser.error("--which teacher applies to the rils, timm and open_clip formats (a training checkpoint "
+                     "already carries both)")
     from rils_scale.checkpoint.export import export
     from rils_scale.checkpoint.layout import CheckpointError
+    from rils_scale.checkpoint.momentum import select_weights
     from rils_scale.checkpoint.sources import open_source
 
     start = time.time()
     try:
-        source = open_source(args.checkpoint, args.tag, trusted=args.trust_pickle,
-                             replica_tolerance=args.replica_tolerance)
+        source = select_weights(open_source(args.checkpoint, args.tag, trusted=args.trust_pickle,
+                                            replica_tolerance=args.replica_tolerance), args.which)
         info = source.describe()
         print(f"[convert] reading {info.get('path', args.checkpoint)} ({info.get('layout', 'rils')}, "
               f"TP={info.get('tensor_parallel', 1)}, DP={info.get('data_parallel', 1)}, step {info.get('step')}); "

@@ -35,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="flash: FlashAttention/SDPA kernels (no S^2 kept); math: explicit softmax")
     p.add_argument("--recon-backend", default="streaming", choices=("streaming", "cuda", "reference"))
     p.add_argument("--prototype-grad", action="store_true", help="KL gradient also trains the text tower")
+    p.add_argument("--recipe", default="rils", choices=("rils", "semmim"),
+                   help="semmim: + momentum encoder (bf16 weights + fp32 EMA), fusion block, code head, K-way losses")
+    p.add_argument("--num-codes", type=int, default=0, help="--recipe semmim: K codes (0: the preset's)")
     p.add_argument("--gpu-memory-gb", type=float, default=80.0, help="device memory in GiB")
     p.add_argument("--reserved-gb", type=float, default=2.0, help="CUDA context, NCCL, workspaces")
     p.add_argument("--gpus-per-node", type=int, default=8)
@@ -58,7 +61,7 @@ def _gib(x: float) -> str:
 def format_plan(r: dict) -> str:
     m, c, t = r["memory"], r["communication"], r["time"]
     lines = [
-        f"RILS plan: {r['model']} ({r['params'] / 1e6:,.0f} M params) on {r['gpus']} GPUs = "
+        f"{r.get('recipe', 'rils').upper() if r.get('recipe') == 'semmim' else 'RILS'} plan: {r['model']} ({r['params'] / 1e6:,.0f} M params) on {r['gpus']} GPUs = "
         f"TP {r['tensor_parallel']} x DP {r['data_parallel']}, ZeRO-{r['zero_stage']}, {r['precision']}, "
         f"micro-batch {r['micro_batch']}, global batch {r['global_batch']}, "
         f"checkpointing {'on' if r['activation_checkpointing'] else 'off'}"
@@ -68,6 +71,7 @@ def format_plan(r: dict) -> str:
         f"  {'parameters' + (' (ZeRO-3 shard)' if r['zero_stage'] >= 3 else ''):<26} {_gib(m['params'])}"
         f"   ({m['params_per_rank'] / 1e6:,.0f} M params per TP rank)",
         f"  gradients                  {_gib(m['grads'])}",
+    ] + ([f"  {'momentum + fp32 EMA':<26} {_gib(m['momentum'])}   (SemMIM's EMA branch)"] if m.get("momentum") else []) + [
         f"  optimizer (master, m, v)   {_gib(m['optimizer'])}"
         + (f"   (+{m['cpu_offload'] / GiB:.2f} GiB in CPU memory)" if r["offload"] else ""),
         f"  ZeRO buffers               {_gib(m['zero_buffers'])}",
@@ -122,6 +126,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if args.recipe == "semmim":  # as the trainer's recipe sets it (train/recipe.py)
+        cfg.recipe, cfg.decoder_text_conditioning = "semmim", True
+        cfg.semmim.num_codes = args.num_codes or cfg.semmim.num_codes
     peak = args.peak_tflops
     if peak is None and args.device:
         from .train.hardware import peak_tflops

@@ -290,12 +290,12 @@ class _WeightsOnlyReader(_RankReader):
 
 def _optimizer_group_names(cfg: RILSConfig, tp_size: int) -> List[List[str]]:
     """Parameter names of each optimizer group, in the order the trainer builds them."""
-    from ..models import RILS, ParallelSpec
+    from ..models import ParallelSpec, build_model
     from ..models.param_groups import optimizer_groups
     from .layout import _pretend_tensor_parallel, _structural_config
     with _pretend_tensor_parallel(tp_size):
-        model = RILS(_structural_config(cfg, tp_size), ParallelSpec(tp_group=object() if tp_size > 1 else None),
-                     attn_backend="math")
+        model = build_model(_structural_config(cfg, tp_size),
+                            ParallelSpec(tp_group=object() if tp_size > 1 else None), attn_backend="math")
     names = {id(p): n for n, p in model.named_parameters()}
     return [[names[id(p)] for p in g["params"]] for g in optimizer_groups(model, 0.1)]
 
@@ -321,6 +321,13 @@ class Checkpoint:
         for t in range(self.tp_size):
             with _naming(self.files.model_files[t][0]):
                 self.readers.append(self._reader(t))
+        # SemMIM's momentum branch: fp32 EMA files of its own (checkpoint/momentum.py), read like a
+        # ZeRO-3 checkpoint; they replace any compute-dtype copy DeepSpeed kept of these weights.
+        from .momentum import open_momentum_state
+        self.momentum = open_momentum_state(ref.path)
+        if self.momentum is not None and self.momentum.tp_size != self.tp_size:
+            raise CheckpointError(f"{ref.path}: SemMIM state for TP={self.momentum.tp_size}, weights for TP={self.tp_size}")
+        self._momentum_names = set(self.momentum.names()) if self.momentum is not None else set()
         self._check_names()
 
     # metadata -------------------------------------------------------------------------------
@@ -374,23 +381,27 @@ class Checkpoint:
             return _Zero0Reader(self.files, tp_rank, self.trusted, self.model_config)
         return _WeightsOnlyReader(self.files, tp_rank, self.trusted)
 
+    def _readers_for(self, name: str) -> List[_RankReader]:
+        return self.momentum.readers if name in self._momentum_names else self.readers
+
     def _check_names(self) -> None:
         reference = set(self.readers[0].names())
         for r in self.readers[1:]:
             if set(r.names()) != reference:
                 diff = sorted(set(r.names()) ^ reference)[:5]
                 raise CheckpointError(f"TP rank {r.tp_rank} has different parameters than TP rank 0: {diff}")
-        unknown = sorted(set(self.layout) - reference)
+        unknown = sorted(set(self.layout) - set(self.names()))
         if unknown:
             raise CheckpointError(f"the model built from the checkpoint's config has TP-sharded parameters the "
                                   f"checkpoint lacks (code and checkpoint out of sync?): {unknown[:5]}")
 
     # shapes ----------------------------------------------------------------------------------
     def names(self) -> List[str]:
-        return self.readers[0].names()
+        own = [n for n in self.readers[0].names() if n not in self._momentum_names]
+        return own + (self.momentum.names() if self.momentum is not None else [])
 
     def full_shape(self, name: str) -> torch.Size:
-        local = self.readers[0].shapes()[name]
+        local = self._readers_for(name)[0].shapes()[name]
         spec = self.layout.get(name)
         if spec is None:
             return local
@@ -424,14 +435,15 @@ class Checkpoint:
         """The TP = 1 fp32 tensor of ``name`` (merged, or checked across replicas); ``kind``
         ``"exp_avg"`` / ``"exp_avg_sq"`` gives Adam's moments of that parameter instead."""
         spec = self.layout.get(name)
+        readers = self._readers_for(name)
         if spec is not None:
-            shards = [self._get(r, name, kind) for r in self.readers]
-            for r, s in zip(self.readers, shards):
-                if s.shape != self.readers[0].shapes()[name]:
+            shards = [self._get(r, name, kind) for r in readers]
+            for r, s in zip(readers, shards):
+                if s.shape != readers[0].shapes()[name]:
                     raise CheckpointError(f"{name}: TP rank {r.tp_rank} shard has shape {tuple(s.shape)}")
             return merge_shards(shards, spec.partition_dim, spec.stride, spec.vocab_size)
-        first = self._get(self.readers[0], name, kind)
-        for r in self.readers[1:]:
+        first = self._get(readers[0], name, kind)
+        for r in readers[1:]:
             other = self._get(r, name, kind)
             if other.shape != first.shape:
                 raise ReplicaMismatchError(f"replicated parameter {name}: shape {tuple(other.shape)} on TP rank "
@@ -448,7 +460,7 @@ class Checkpoint:
         return first
 
     def _get(self, reader: _RankReader, name: str, kind: str) -> torch.Tensor:
-        with _naming(lambda: f"{reader.last_path or self.ref.path} ({kind} {name})"):
+        with _naming(lambda: f"{getattr(reader, 'last_path', None) or self.ref.path} ({kind} {name})"):
             return reader.get(name, kind)
 
     def iter_full_tensors(self, names: Optional[List[str]] = None, release_every: int = DEFAULT_RELEASE_EVERY,

@@ -230,16 +230,16 @@ def tensor_parallel_layout_for(cfg: RILSConfig, tp_size: int) -> Dict[str, Shard
     attributes the training run used. No string matching on names, no process group, and a
     few MB of memory even for ViT-g.
     """
-    from ..models import RILS, ParallelSpec
+    from ..models import ParallelSpec, build_model
     from ..parallel.sharding import tensor_parallel_layout
     if tp_size == 1:
         return {}
     with _pretend_tensor_parallel(tp_size):
-        model = RILS(_structural_config(cfg, tp_size), ParallelSpec(tp_group=object()), attn_backend="math")
+        model = build_model(_structural_config(cfg, tp_size), ParallelSpec(tp_group=object()), attn_backend="math")
     return tensor_parallel_layout(model)
 
 
 def model_parameter_names(cfg: RILSConfig) -> List[str]:
     """Parameter names of the single-process model (structure only, built at a tiny width)."""
-    from ..models import RILS
-    return [n for n, _ in RILS(_structural_config(cfg, 1), attn_backend="math").named_parameters()]
+    from ..models import build_model
+    return [n for n, _ in build_model(_structural_config(cfg, 1), attn_backend="math").named_parameters()]

@@ -5,7 +5,7 @@ from typing import List, Optional, Union
 
 import torch
 
-from ..models import RILS
+from ..models import RILS, build_model
 from .layout import CheckpointError
 from .sources import RilsDirSource, open_source, source_tokenizer
 
@@ -33,7 +33,7 @@ def load_model(path: str, device: Union[str, torch.device] = "cpu", *, tag: Opti
 
     source = open_source(path, tag, trusted=trusted)
     cfg = source.model_config
-    model = RILS(cfg, attn_backend="auto")
+    model = build_model(cfg, attn_backend="auto")  # RILS, or SemMIM (momentum branch included)
     state = dict(source.iter_full_tensors())
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)

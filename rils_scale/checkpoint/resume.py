@@ -180,6 +180,8 @@ def _set_full_hp(param, value: torch.Tensor, key: Optional[str]) -> None:
     taken here and the padding set to zero. Other stages: DeepSpeed's ``safe_set_full_*``.
     """
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+    if not param.requires_grad:  # SemMIM's momentum branch: no master, no moments (train/ema.py)
+        return
     value = value.to(dtype=torch.float32)
     if not hasattr(param, "ds_id"):
         value = value.to(param.device)

@@ -69,6 +69,19 @@ class TextConfig:
 
 
 @dataclass
+class SemMIMConfig:
+    """The parts of the model only the SemMIM recipe builds (docs/method.md, "SemMIM")."""
+
+    num_codes: int = 4096
+    """K: learnable codes (prototypes) of the shared encoding space."""
+    code_dim: int = 0
+    """Width of the code space (the head's projection and the codes); 0: the joint width embed_dim."""
+    target_text_injection: bool = True
+    """Fuse the momentum patches with the caption (cross-attention block) before the code head;
+    the online predictions go through the same block (its EMA is the momentum copy)."""
+
+
+@dataclass
 class RILSConfig:
     vision: VisionConfig = field(default_factory=VisionConfig)
     """Vision tower and decoder."""
@@ -90,6 +103,11 @@ class RILSConfig:
     decoder_text_conditioning: bool = False
     """Decoder blocks cross-attend to the caption's token features (SemMIM's text injection;
     off in RILS)."""
+    recipe: str = "rils"
+    """rils (the default: RILS's patch-sentence target) | semmim (momentum encoder, K-code
+    targets with text injection, agreement of global features; models/semmim.py)."""
+    semmim: SemMIMConfig = field(default_factory=SemMIMConfig)
+    """SemMIM's code head and text fusion (read only when recipe == semmim)."""
     dropout: float = 0.0
     """Dropout on attention probabilities and block outputs (0 in the release)."""
     name: str = "custom"
@@ -104,5 +122,6 @@ class RILSConfig:
         # A saved config without "activation" predates the field: it was built with exact GELU.
         vision = VisionConfig(**{"activation": "gelu", **d.pop("vision", {})})
         text = TextConfig(**{"activation": "gelu", **d.pop("text", {})})
+        semmim = SemMIMConfig(**d.pop("semmim", {}))
         known = {f.name for f in dataclasses.fields(cls)}
-        return cls(vision=vision, text=text, **{k: v for k, v in d.items() if k in known})
+        return cls(vision=vision, text=text, semmim=semmim, **{k: v for k, v in d.items() if k in known})

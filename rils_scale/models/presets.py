@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Callable, Dict
 
-from .config import RILSConfig, TextConfig, VisionConfig
+from .config import RILSConfig, SemMIMConfig, TextConfig, VisionConfig
 
 _PRESETS: Dict[str, Callable[[], RILSConfig]] = {}
 
@@ -38,7 +38,7 @@ def tiny() -> RILSConfig:
     return RILSConfig(
         vision=VisionConfig(image_size=32, patch_size=4, width=64, depth=2, heads=4),
         text=TextConfig(context_length=32, vocab_size=1000, width=64, depth=2, heads=4),
-        embed_dim=64)
+        embed_dim=64, semmim=SemMIMConfig(num_codes=256))
 
 
 @register

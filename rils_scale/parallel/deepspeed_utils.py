@@ -103,3 +103,19 @@ def tensor_parallel_grad_norm(parameters: Iterable[torch.Tensor], state: Paralle
         total = all_reduce_no_grad(total, state.dp_group)
     return total.sqrt()
 
+
+
+def regather_persistent_parameters(params) -> None:
+    """Refresh the gathered copy of ZeRO-3 *persistent* parameters after their partitions
+    (``ds_tensor``) were written outside the optimizer (SemMIM's EMA, ``train/ema.py``).
+
+    Parameters below ``stage3_param_persistence_threshold`` stay gathered between steps: DeepSpeed
+    re-gathers them once at the end of each optimizer step (``_post_step``), so a partition updated
+    after that would not reach forward until the next step. Release them, then all-gather from the
+    partitions (over each parameter's DP partition group). Every rank of the DP group must call
+    this with the same parameters; others (not ZeRO-3, not persistent) are ignored.
+    """
+    persistent = [p for p in params if hasattr(p, "ds_id") and getattr(p, "ds_persist", False)]
+    if persistent:
+        persistent[0].partition(param_list=persistent)
+        persistent[0].all_gather(param_list=persistent)

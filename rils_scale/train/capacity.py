@@ -28,6 +28,10 @@ Memory per GPU = model states + max(during backward, during the optimizer step):
 - loss workspace: contrastive logits ``B × G`` (both directions, fp32 copies for the
   cross-entropy); reconstruction: streaming ``O(P·E + P·chunk)``, or the reference's
   ``P × G`` matrices (about five live fp32 copies at its peak).
+- SemMIM (``model.recipe == "semmim"``): the momentum branch's weights in the compute dtype plus
+  their fp32 EMA (4 B), partitioned over DP under ZeRO-3 like every weight, no gradient or
+  optimizer state; the online fusion block's activations; the code cross-entropies' tiles
+  instead of the KL's; ZeRO-3 gathers the momentum branch once per step (forward only).
 
 Communication per GPU per step (bytes sent ≈ received; ring algorithms):
 ZeRO-3 all-gathers the 16-bit weights before each use, forward and backward (the encoder
@@ -160,6 +164,10 @@ def model_state_bytes(pc: PlanConfig) -> Dict[str, float]:
     cpu = 0.0
     if pc.offload:
         cpu, optim, step_grad = optim + step_grad, 0.0, 0.0
+    # SemMIM's momentum branch: compute-dtype weights (partitioned like every weight under ZeRO-3)
+    # and the fp32 EMA of the same elements (train/ema.py); no gradient, no optimizer state
+    mom = params["momentum_sharded"] / tp + (params["momentum"] - params["momentum_sharded"])
+    momentum = (pb + 4) * mom / (dp if pc.zero_stage >= 3 else 1)
     buffers = 0.0
     if dp > 1 or pc.zero_stage >= 3:
         if pc.zero_stage == 3:
@@ -171,7 +179,8 @@ def model_state_bytes(pc: PlanConfig) -> Dict[str, float]:
             buffers = 2 * 25 * 2 ** 20
         buffers = min(buffers, (pb + gb) * phi)
     return {"params": weights, "grads": grads, "optimizer": optim, "zero_buffers": buffers,
-            "optimizer_step_transient": step_grad, "cpu_offload": cpu, "params_per_rank": phi}
+            "optimizer_step_transient": step_grad, "cpu_offload": cpu, "params_per_rank": phi,
+            "momentum": momentum}
 
 
 def block_activation_bytes(tokens: int, width: int, mlp_hidden: int, heads: int, *, tp: int = 1,
@@ -193,14 +202,23 @@ def block_activation_bytes(tokens: int, width: int, mlp_hidden: int, heads: int,
 
 
 def _towers(cfg: RILSConfig):
-    """(name, blocks, tokens, width, mlp_hidden, heads) of the four transformer stacks."""
+    """(name, blocks, tokens, width, mlp_hidden, heads) of the transformer stacks that keep
+    activations for backward (SemMIM: also the online text-fusion block; its momentum branch runs
+    without autograd and keeps none)."""
     v, t = cfg.vision, cfg.text
-    return [
+    towers = [
         ("unmasked_encoder", v.depth, 1 + v.num_patches, v.width, v.mlp_hidden, v.heads),
         ("masked_encoder", v.depth, visible_tokens(cfg), v.width, v.mlp_hidden, v.heads),
         ("decoder", v.decoder_depth, 1 + v.num_patches, v.width, v.mlp_hidden, v.heads),
         ("text", t.depth, t.context_length, t.width, t.mlp_hidden, t.heads),
     ]
+    if _semmim(cfg) and cfg.semmim.target_text_injection:
+        towers.append(("fusion", 1, v.num_patches, v.width, v.mlp_hidden, v.heads))
+    return towers
+
+
+def _semmim(cfg: RILSConfig) -> bool:
+    return getattr(cfg, "recipe", "rils") == "semmim"
 
 
 def activation_bytes(pc: PlanConfig, micro_batch: Optional[int] = None,
@@ -226,6 +244,9 @@ def activation_bytes(pc: PlanConfig, micro_batch: Optional[int] = None,
              + 2 * k1 * d  # masked: final-norm input and output (decoder input)
              + 2 * s_all * d + n * d + 2 * n * emb  # decoder: final norm in/out, pred out, student
              + t.context_length * t.width + 2 * emb)  # text: final-norm input, features
+    if _semmim(cfg):  # code-head rows (online with gradient, momentum without) held until the loss
+        ec, m = cfg.semmim.code_dim or emb, masked_patches(cfg)
+        other += 2 * (1 + m) * (d + ec) + (1 + n) * (d + ec)
     out["outside_blocks"] = b * other * e
     # backward: gradients of the block being processed (~ its saved activations), and under
     # checkpointing its rematerialised activations as well
@@ -244,6 +265,11 @@ def loss_workspace_bytes(pc: PlanConfig, micro_batch: Optional[int] = None) -> D
         recon = 5 * rows * g * 4 + 3 * rows * e_dim * 4
     else:
         recon = 3 * rows * e_dim * 4 + g * e_dim * 4 + 4 * rows * min(pc.recon_chunk, g) * 4
+    if _semmim(pc.model):  # the code cross-entropies instead: rows x E_c inputs/gradients + fp32 logit tiles
+        ec, k = pc.model.semmim.code_dim or e_dim, pc.model.semmim.num_codes
+        rows = b * (1 + masked_patches(pc.model)) / pc.tensor_parallel
+        tile = min(rows, 4096) * min(k, pc.recon_chunk)
+        recon = 4 * (4 * rows * ec + 2 * k * ec + 4 * tile + 4 * rows)
     return {"contrastive": contrastive, "reconstruction": recon, "total": contrastive + recon}
 
 
@@ -253,12 +279,13 @@ def memory_per_gpu(pc: PlanConfig, micro_batch: Optional[int] = None) -> Dict[st
     act = activation_bytes(pc, micro_batch)
     act_other = activation_bytes(pc, micro_batch, checkpointing=not pc.activation_checkpointing)
     loss = loss_workspace_bytes(pc, micro_batch)
-    resident = states["params"] + states["grads"] + states["optimizer"] + states["zero_buffers"]
+    resident = states["params"] + states["grads"] + states["optimizer"] + states["zero_buffers"] + states["momentum"]
     during_backward = act["total"] + loss["total"]
     peak = resident + max(during_backward, states["optimizer_step_transient"])
     usable = (pc.gpu_memory_gb - pc.reserved_gb) * GiB * (1 - pc.fragmentation)
     return {
         "params": states["params"], "grads": states["grads"], "optimizer": states["optimizer"],
+        "momentum": states["momentum"],
         "zero_buffers": states["zero_buffers"], "optimizer_step_transient": states["optimizer_step_transient"],
         "activations": act["total"],
         "activations_checkpointed": act["total"] if pc.activation_checkpointing else act_other["total"],
@@ -300,10 +327,13 @@ def communication_bytes(pc: PlanConfig) -> Dict[str, float]:
                                    for part in ("vision", "decoder", "text", "projections"))
     out: Dict[str, float] = {}
     accum = pc.grad_accum
+    semmim = (params_per_rank(cfg, tp, "fusion") + params_per_rank(cfg, tp, "codes")) if _semmim(cfg) else 0.0
+    momentum = params_per_rank(cfg, tp, "momentum") if _semmim(cfg) else 0.0
     if pc.zero_stage == 3:
-        uses = 2 * vis_r + dec_r + txt_r + proj_r  # each module gathered per use; the encoder twice
+        uses = 2 * vis_r + dec_r + txt_r + proj_r + semmim  # each module gathered per use; the encoder twice
         recompute = (2 * vis_r + dec_r + txt_r) if pc.activation_checkpointing else 0.0
-        out["zero3_param_allgather"] = accum * pb * (2 * uses + recompute) * ring_dp
+        # (the momentum branch is gathered once: forward only)
+        out["zero3_param_allgather"] = accum * pb * (2 * uses + momentum + recompute) * ring_dp
         out["grad_reduce_scatter"] = accum * gb * phi * ring_dp
     elif pc.zero_stage in (1, 2):
         out["grad_reduce_scatter"] = gb * phi * ring_dp
@@ -318,6 +348,10 @@ def communication_bytes(pc: PlanConfig) -> Dict[str, float]:
             per_ar = b * s * d * e
             n_ar = depth * (4 + (2 if pc.activation_checkpointing else 0))
             tp_bytes += n_ar * 2 * ring_tp * per_ar
+        if _semmim(cfg):  # momentum encoder (+ fusion): forward only, two all-reduces per block
+            v = cfg.vision
+            blocks = v.depth + (1 if cfg.semmim.target_text_injection else 0)
+            tp_bytes += blocks * 2 * 2 * ring_tp * b * (1 + v.num_patches) * v.width * e
         tp_bytes += 2 * ring_tp * b * t.context_length * t.width * e  # vocab-parallel embedding (fwd only)
     out["tp_allreduce"] = accum * tp_bytes
     g, emb = pc.global_batch, cfg.embed_dim
@@ -363,7 +397,7 @@ def plan(pc: PlanConfig) -> Dict:
     """Everything the planner prints, as plain numbers (bytes, seconds)."""
     p = model_params(pc.model)
     return {
-        "model": pc.model.name, "params": p["total"], "gpus": pc.gpus, "tensor_parallel": pc.tensor_parallel,
+        "model": pc.model.name, "recipe": getattr(pc.model, "recipe", "rils"), "params": p["total"], "gpus": pc.gpus, "tensor_parallel": pc.tensor_parallel,
         "data_parallel": pc.dp, "zero_stage": pc.zero_stage, "micro_batch": pc.micro_batch,
         "global_batch": pc.global_batch * pc.grad_accum, "activation_checkpointing": pc.activation_checkpointing,
         "sequence_parallel": pc.sequence_parallel, "offload": pc.offload, "precision": pc.precision,

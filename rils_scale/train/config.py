@@ -72,6 +72,20 @@ class TrainConfig:
     pass's patch features); the last two are the paper's baselines."""
     decoder_text_conditioning: bool = False
     """Decoder blocks cross-attend to the caption's token features (SemMIM-style)."""
+    recipe: str = "rils"
+    """rils (default) | semmim: momentum encoder, K-code targets with text injection, agreement
+    of global features; also sets --mask-strategy text-guided and --decoder-text-conditioning
+    unless given (docs/method.md, SemMIM). Shared: --recon-weight (MIM), --student-temp, --teacher-temp."""
+    num_codes: int = 0
+    """SemMIM: K, codes of the shared encoding space (0: the preset's, 4096; tiny 256)."""
+    agreement_weight: float = 0.5
+    """SemMIM: weight of the agreement of global features (0: no agreement learning)."""
+    no_target_text_injection: bool = False
+    """SemMIM: code targets from the momentum patches without fusing the caption (ablation)."""
+    ema_momentum: float = 0.996
+    """SemMIM: momentum encoder EMA, cosine from this to 1 over --max-steps (DINO/iBOT)."""
+    center_momentum: float = 0.9
+    """SemMIM: momentum of the teacher centres (DINO/iBOT)."""
     # --- parallelism
     tensor_parallel: int = 1
     """Tensor-parallel ranks (consecutive ranks, inside a node)."""
@@ -157,8 +171,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: Optional[List[str]] = None) -> TrainConfig:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     cfg = TrainConfig(**vars(args))
+    from .recipe import apply_recipe_defaults, explicit_options
+    apply_recipe_defaults(cfg, explicit_options(parser, argv))
     if cfg.mask_strategy not in MASK_STRATEGIES:
         raise SystemExit(f"--mask-strategy must be one of {MASK_STRATEGIES}")
     from ..models.rils import RECON_TARGETS

@@ -73,6 +73,19 @@ def block_flops(tokens: int, width: int, mlp_hidden: int) -> int:
     return block_linear_flops(tokens, width, mlp_hidden) + block_attention_flops(tokens, width)
 
 
+def cross_attention_flops(tokens: int, context: int, width: int, context_width: int) -> int:
+    """Forward FLOPs of one cross-attention layer (text conditioning) for one sample: q from the
+    tokens, k/v from the context, ``QKᵀ`` and ``AV`` (tokens × context), output projection."""
+    return 4 * tokens * width * width + context_projection_flops(context, width, context_width) \
+        + 4 * tokens * context * width
+
+
+def context_projection_flops(context: int, width: int, context_width: int) -> int:
+    """The k/v projection of the context inside :func:`cross_attention_flops`. The context (caption
+    tokens) is detached, so its backward is the weight gradient only (1x, not 2x)."""
+    return 4 * context * context_width * width
+
+
 def visible_tokens(cfg: RILSConfig) -> int:
     """Tokens of the masked pass: cls + kept patches (random_masking's ``int(N·(1-r))``)."""
     return 1 + int(cfg.vision.num_patches * (1 - cfg.mask_ratio))
@@ -128,6 +141,10 @@ def rils_step_flops(cfg: RILSConfig, micro_batch: int, global_batch: int, *,
     objectives/reconstruction.py does).
     Pure arithmetic on the config: cheap, but callers should still compute it once per run.
     """
+    if getattr(cfg, "recipe", "rils") == "semmim":  # momentum branch, fusion, K-way codes: semmim_flops.py
+        from .semmim_flops import semmim_step_flops
+        return semmim_step_flops(cfg, micro_batch, global_batch, activation_checkpointing=activation_checkpointing,
+                                 tensor_parallel=tensor_parallel)
     key = (repr(cfg.to_dict()), int(micro_batch), int(global_batch), bool(activation_checkpointing),
            int(tensor_parallel), float(recon_rows_fraction), bool(prototype_grad), recon_backend,
            bool(recon_split_tp))
@@ -160,7 +177,8 @@ def _compute(cfg: RILSConfig, b: int, g: int, ckpt: bool, tp: int, rows_frac: fl
     blocks = {
         "masked_encoder": b * v.depth * block_flops(s_vis, d, f),
         "unmasked_encoder": b * v.depth * block_flops(s_all, d, f),
-        "decoder": b * v.decoder_depth * block_flops(s_all, d, f),
+        "decoder": b * v.decoder_depth * (block_flops(s_all, d, f) + (
+            cross_attention_flops(s_all, t.context_length, d, t.width) if cfg.decoder_text_conditioning else 0)),
         "text": b * t.depth * block_flops(t.context_length, t.width, t.mlp_hidden),
     }
     replicated = {
@@ -181,6 +199,8 @@ def _compute(cfg: RILSConfig, b: int, g: int, ckpt: bool, tp: int, rows_frac: fl
     bwd = {c: 2 * fwd[c] for c in COMPONENTS if c != "reconstruction"}
     bwd["masked_encoder"] -= b * patch  # images take no gradient: weight gradient only
     bwd["unmasked_encoder"] -= b * patch
+    if cfg.decoder_text_conditioning:  # the caption context is detached: its k/v projection's weight gradient only
+        bwd["decoder"] -= b * v.decoder_depth * context_projection_flops(t.context_length, d, t.width)
     # the projected unmasked patch tokens are the KL teacher only (stop-gradient): no backward
     # (the unmasked pass learns through the pooled token, i.e. the contrastive loss)
     bwd["projections"] -= 2 * b * 2 * n * d * e
@@ -192,7 +212,9 @@ def _compute(cfg: RILSConfig, b: int, g: int, ckpt: bool, tp: int, rows_frac: fl
 
     recon_div = tp if recon_split_tp else 1
     recon_total = fwd["reconstruction"] + bwd["reconstruction"]
-    sharded_total = 3 * sharded_fwd  # every block product has both operands with gradient
+    # every block product has both operands with gradient, except a detached context's k/v projection
+    sharded_total = 3 * sharded_fwd - (b * v.decoder_depth * context_projection_flops(t.context_length, d, t.width)
+                                       if cfg.decoder_text_conditioning else 0)
     replicated_total = sum(fwd.values()) + sum(bwd.values()) - sharded_total - recon_total
     total = sharded_total / tp + replicated_total + recon_total / recon_div
     out: Dict[str, float] = {c: float(fwd[c]) for c in COMPONENTS}
@@ -228,26 +250,42 @@ def _block_params(width: int, mlp_hidden: int, qkv_bias: str) -> Dict[str, int]:
 
 
 def model_params(cfg: RILSConfig) -> Dict[str, int]:
-    """Parameter counts: ``vision``, ``decoder``, ``text``, ``projections``, ``total``, and
-    ``sharded`` (split over TP ranks) / ``replicated`` (every TP rank holds a copy).
-    Also ``<part>_sharded`` per part and ``largest_block`` (parameters of the widest block)."""
+    """Parameter counts: ``vision``, ``decoder``, ``text``, ``projections`` (SemMIM: also ``fusion``,
+    ``codes``), and ``sharded`` (split over TP ranks) / ``replicated`` (every TP rank holds a copy)
+    of the **trainable** ones (``trainable``: what the optimizer holds). SemMIM's momentum branch
+    (no gradient, no optimizer state) is ``momentum`` / ``momentum_sharded``; ``total`` counts
+    every parameter of the module. Also ``<part>_sharded`` per part and ``largest_block``
+    (parameters of the widest block)."""
     v, t, e = cfg.vision, cfg.text, cfg.embed_dim
     vb = _block_params(v.width, v.mlp_hidden, "qv")
     tb = _block_params(t.width, t.mlp_hidden, "qkv")
     vis_rep = 3 * v.patch_size ** 2 * v.width + v.width + v.width + 2 * v.width  # patch W+b, cls, norm
     dec_rep = 2 * (v.width * v.width + v.width) + v.width + 2 * v.width  # embed, pred, mask token, norm
     txt_rep = t.context_length * t.width + 2 * t.width  # positions, ln_final
+    d = v.width
+    # text-conditioned decoder: each block's cross-attention (q, kv with biases, proj) and its norm
+    cross = (2 * d * d + d + 2 * d * t.width + 2 * d, 3 * d) if cfg.decoder_text_conditioning else (0, 0)
     parts = {
         "vision": (v.depth * vb["sharded"], vis_rep + v.depth * vb["replicated"]),
-        "decoder": (v.decoder_depth * vb["sharded"], dec_rep + v.decoder_depth * vb["replicated"]),
+        "decoder": (v.decoder_depth * (vb["sharded"] + cross[0]),
+                    dec_rep + v.decoder_depth * (vb["replicated"] + cross[1])),
         "text": (t.vocab_size * t.width + t.depth * tb["sharded"], txt_rep + t.depth * tb["replicated"]),
         "projections": (0, v.width * e + t.width * e + 1),  # image, text projection, logit scale
     }
+    momentum = None
+    if getattr(cfg, "recipe", "rils") == "semmim":  # trainable fusion block and code head; frozen momentum copies
+        from .semmim_flops import semmim_params
+        sm = semmim_params(cfg)
+        parts["fusion"] = (sm["fusion_sharded"], sm["fusion"] - sm["fusion_sharded"])
+        parts["codes"] = (0, sm["codes"])
+        momentum = (sm["momentum_sharded"], sm["momentum"] - sm["momentum_sharded"])
     out = {k: s + r for k, (s, r) in parts.items()}
     out.update({f"{k}_sharded": s for k, (s, _) in parts.items()})
     out["sharded"] = sum(s for s, _ in parts.values())
     out["replicated"] = sum(r for _, r in parts.values())
-    out["total"] = out["sharded"] + out["replicated"]
+    out["trainable"] = out["sharded"] + out["replicated"]
+    out["momentum"], out["momentum_sharded"] = (sum(momentum), momentum[0]) if momentum else (0, 0)
+    out["total"] = out["trainable"] + out["momentum"]  # every parameter of the module
     out["largest_block"] = max(sum(vb.values()), sum(tb.values()))
     return out
 

@@ -19,7 +19,7 @@ from ..parallel import ParallelDims, init_parallel_state
 from ..parallel import comm, cpu_comm
 from .config import TrainConfig, load_ds_config, resolve_batch_sizes
 from .engine import build_engine, compute_dtype, zero_stage
-from . import checkpointing
+from . import checkpointing, recipe
 from .guard import EXIT_NONFINITE, NonFiniteAbort, NonFiniteGuard
 from .launch_env import ensure_launch_env
 from .metrics import MetricsLogger, merge_skips, write_json
@@ -70,6 +70,7 @@ class Trainer:
         self.model_cfg = get_config(cfg.model, mask_ratio=cfg.mask_ratio, recon_target=cfg.recon_target,
                                     decoder_text_conditioning=cfg.decoder_text_conditioning)
         self.model_cfg.text.vocab_size = self.tokenizer.vocab_size
+        recipe.configure_model(cfg, self.model_cfg)
         self._validate()
         self._preflight()
         dims = ParallelDims(self.world, cfg.tensor_parallel, cfg.sequence_parallel)
@@ -104,6 +105,7 @@ class Trainer:
         self.rollbacks = []  # roll backs in this run's lineage (train/rollback.py)
         self.pending_events = []  # metrics.jsonl event rows decided before the logger exists
         self.flops_per_step = self._flops_per_step()
+        self.recipe = recipe.attach(self)  # SemMIM: its objective, momentum EMA, checkpoint state (train/recipe.py)
 
     # ------------------------------------------------------------------ set-up helpers
     def _load_tokenizer(self):
@@ -269,6 +271,8 @@ class Trainer:
         avg["step_applied"] = self.guard.after_step(self.engine, self.step + 1)
         if avg["step_applied"]:
             clamp_logit_scale_(self.engine)  # the parameter itself stays <= the cap (train/param_clamp.py)
+            if self.recipe is not None:
+                self.recipe.after_step(self.step)  # SemMIM: the momentum encoder's EMA
         return avg
 
     def _reduce_metrics(self, m: Dict[str, float]) -> Dict[str, float]:
@@ -278,12 +282,14 @@ class Trainer:
         recon = out.pop("recon_loss_share")  # shares of the global mean: sum, not average
         out = {k: v / dp for k, v in out.items()}
         out["recon_loss"] = recon
-        out["loss"] = out["clip_loss"] + self.cfg.recon_weight * recon
+        out["loss"] = out["clip_loss"] + self.cfg.recon_weight * recon + out.get("extra_loss", 0.0)
         return out
 
     def run(self) -> None:
         cfg = self.cfg
         self.maybe_resume()
+        if self.recipe is not None:
+            self.recipe.after_resume(self.resume_point)
         self._write_run_config()
         logger = MetricsLogger(cfg.output_dir, self.is_main, cfg.max_steps, start_step=self.step)
         for event in self.pending_events:

@@ -84,7 +84,7 @@ def main(argv=None) -> int:
                      "already carries both)")
     from rils_scale.checkpoint.export import export
     from rils_scale.checkpoint.layout import CheckpointError
-    from rils_scale.checkpoint.momentum import select_weights
+    from rils_scale.checkpoint.teacher_view import select_weights
     from rils_scale.checkpoint.sources import open_source
 
     start = time.time()

@@ -112,6 +112,7 @@ def test_every_step_collectives_use_the_communication_device(nccl_like):
 
 def test_release_cpu_shm_buffer_unlinks_only_this_ranks_file(monkeypatch, tmp_path):
     import os
+    from rils_scale.parallel.cpu_comm import release_cpu_shm_buffer
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     monkeypatch.setenv("MASTER_PORT", "65001")
     monkeypatch.setenv("RANK", "1")
@@ -122,9 +123,9 @@ def test_release_cpu_shm_buffer_unlinks_only_this_ranks_file(monkeypatch, tmp_pa
     for path in (mine, peer):
         open(path, "wb").close()
     try:
-        assert comm.release_cpu_shm_buffer() == mine
+        assert release_cpu_shm_buffer() == mine
         assert not os.path.exists(mine) and os.path.exists(peer)
-        assert comm.release_cpu_shm_buffer() is None  # already gone: nothing to do
+        assert release_cpu_shm_buffer() is None  # already gone: nothing to do
     finally:
         for path in (mine, peer):
             if os.path.exists(path):

@@ -11,7 +11,6 @@ helper is the identity; use :func:`world_group` for a collective over every rank
 """
 from __future__ import annotations
 
-import os
 from typing import Any, List, Optional, Sequence
 
 import torch
@@ -129,22 +128,3 @@ def barrier(group: Optional[dist.ProcessGroup] = None) -> None:
         dist.barrier(group=group, device_ids=[device.index])
     else:
         dist.barrier(group=group)
-
-
-def release_cpu_shm_buffer() -> Optional[str]:
-    """Unlink this rank's DeepSpeed CPU shared-memory all-reduce buffer; the path, or None.
-
-    DeepSpeed's CPU backend (``deepspeed/ops/csrc/cpu/comm/shm.cpp``, all ranks on one machine)
-    creates ``/dev/shm/deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank>``
-    (66 MB) per rank and never unlinks it (seen here: 21 GB after a day of test runs, and the
-    machine swapping). A mapping outlives the unlink; peers open the name only while DeepSpeed
-    sets up, so :func:`rils_scale.parallel.cpu_comm.release_shm_buffer_once_mapped` calls this
-    right after every rank has done so.
-    """
-    from .cpu_comm import shm_buffer_path
-    path = shm_buffer_path()
-    try:
-        os.unlink(path)
-    except (FileNotFoundError, PermissionError, NotADirectoryError):
-        return None
-    return path

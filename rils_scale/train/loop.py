@@ -459,5 +459,3 @@ def _run_or_exit(cfg: TrainConfig) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
-    # Normally unlinked right after start-up (parallel/cpu_comm.py); a no-op then.
-    comm.release_cpu_shm_buffer()

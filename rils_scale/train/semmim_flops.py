@@ -27,8 +27,8 @@ from __future__ import annotations
 from typing import Dict
 
 from ..models.config import RILSConfig
-from .flops import (_patch_embed_flops, block_attention_flops, block_flops, context_projection_flops,
-                    cross_attention_flops, masked_patches, visible_tokens)
+from .flop_terms import (_block_params, _patch_embed_flops, block_attention_flops, block_flops,
+                         context_projection_flops, cross_attention_flops, masked_patches, visible_tokens)
 
 COMPONENTS = ("masked_encoder", "unmasked_encoder", "decoder", "text", "fusion", "momentum_encoder",
               "momentum_fusion", "projections", "contrastive", "codes")
@@ -113,7 +113,6 @@ def semmim_step_flops(cfg: RILSConfig, micro_batch: int, global_batch: int, *, a
 def semmim_params(cfg: RILSConfig) -> Dict[str, int]:
     """SemMIM's parameters beyond RILS's: ``fusion`` and ``codes`` (trainable, with their TP-sharded
     shares) and the ``momentum`` branch (EMA copies of vision encoder, fusion and code head)."""
-    from .flops import _block_params
     v, t = cfg.vision, cfg.text
     ec, k = cfg.semmim.code_dim or cfg.embed_dim, cfg.semmim.num_codes
     vb = _block_params(v.width, v.mlp_hidden, "qv")

@@ -96,6 +96,9 @@ def _sync_worker(rank, world, data, out_dir):
                           output_dir=os.path.join(out_dir, f"tp{tp}"), max_steps=4, warmup_steps=1,
                           tensor_parallel=tp, sequence_parallel=tp > 1, kl_backend="streaming", seed=1)
         trainer = Trainer(cfg)
+        # --activation-checkpointing auto (the default) on a CPU: none, and why
+        assert (trainer.checkpointing.requested, trainer.checkpointing.policy) == ("auto", "none")
+        assert trainer.checkpointing.reason.startswith("CPU") and trainer.spec.activation_checkpointing == 0
         trainer.loader = trainer._loader()
         batches = _Unwatched(iter(trainer.loader))
         for _ in range(2):  # unwatched: DeepSpeed records and checks its module trace (host reads)

@@ -6,6 +6,7 @@ projections row-parallel; with TP = 1 they are plain linear layers.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -106,7 +107,9 @@ class Attention(nn.Module):
         b, n, _ = qkv.shape
         q, k, v = qkv.view(b, n, 3, self.heads_local, self.head_dim).permute(2, 0, 3, 1, 4)
         p = self.dropout if self.training else 0.0
-        with get_rng_tracker().fork():  # dropout on this rank's heads
+        # dropout on this rank's heads draws from the TP state; without dropout nothing is drawn
+        # (and a compiled block cannot trace the state swap)
+        with get_rng_tracker().fork() if p > 0 else contextlib.nullcontext():
             out = attention(q, k, v, causal=self.causal, key_padding_mask=key_padding_mask,
                             dropout_p=p, backend=self.attn_backend)
         return self.proj(out.transpose(1, 2).reshape(b, n, -1))

@@ -59,7 +59,9 @@ class PatchSentenceReconstructionLoss(torch.nn.Module):
         idx, counted = candidate_rows(mask, keep, masked_ids)
         rows = counted.sum()
         e = student.shape[-1]
-        s_rows = student.reshape(-1, e).index_select(0, idx)
+        # Rows that do not count enter as zero students: they add nothing to the prototypes'
+        # gradient, and the streaming KL keeps its uniform-gradient shortcut (ops/kl_streaming.py)
+        s_rows = student.reshape(-1, e).index_select(0, idx) * counted[:, None].to(student.dtype)
         t_rows = teacher.detach().reshape(-1, e).index_select(0, idx)
         protos = prototypes if self.prototype_grad else prototypes.detach()
 

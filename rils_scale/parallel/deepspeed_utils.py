@@ -51,6 +51,15 @@ def zero_init_context(state: ParallelState, ds_config, enabled: bool = True):
                                config_dict_or_path=ds_config, enabled=enabled)
 
 
+def mark_zero3_leaf_modules(model: nn.Module, classes) -> int:
+    """Make every module of ``classes`` a ZeRO-3 *leaf* (before ``deepspeed.initialize``): its
+    parameters, its submodules' included, are gathered by one hook before its forward (and its
+    backward) and its submodules get no hooks. Compiled blocks need this (models/compile.py).
+    Returns how many modules were marked."""
+    from deepspeed.utils import set_z3_leaf_modules
+    return len(set_z3_leaf_modules(model, list(classes)))
+
+
 def _group_ranks(group) -> Tuple[int, ...]:
     return tuple(dist.get_global_rank(group, r) for r in range(dist.get_world_size(group)))
 

@@ -422,11 +422,12 @@ class CheckpointingChoice:
         return self.policy
 
     def line(self) -> str:
-        gib = lambda x: f"{x / GiB:.1f}"  # noqa: E731
+        def size(x):
+            return f"{x / GiB:.1f} GiB" if x >= GiB else f"{x / 2 ** 20:.0f} MiB"
         k = round(self.selective_fraction * self.depth)
         return (f"activation checkpointing: {self.describe()}, {self.reason}; estimated peak per device: "
-                f"none {gib(self.peaks['none'])} GiB, selective {k}/{self.depth} {gib(self.peaks['selective'])} GiB, "
-                f"every {gib(self.peaks['every'])} GiB; budget {gib(self.budget)} of {gib(self.usable)} GiB usable")
+                f"none {size(self.peaks['none'])}, selective {k}/{self.depth} {size(self.peaks['selective'])}, "
+                f"every {size(self.peaks['every'])}; budget {size(self.budget)} of {size(self.usable)} usable")
 
     def to_dict(self) -> Dict:
         return dataclasses.asdict(self)

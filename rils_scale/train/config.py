@@ -82,6 +82,8 @@ class TrainConfig:
     """Recompute blocks in backward: none | selective (the fewest blocks of each stack that fit) | every |
     auto (the planner's pick for this device's memory and micro-batch, printed at start; CPU: none);
     the flag alone means every (docs/performance.md)."""
+    compile: bool = False
+    """Compile each transformer block with torch.compile (regional, fullgraph; docs/performance.md)."""
     # --- run management
     output_dir: str = "runs/rils"
     """Run directory: metrics.jsonl, TensorBoard events, config.json, checkpoints/."""

@@ -9,7 +9,8 @@ import torch
 from ..models import ParallelSpec, RILSConfig, build_model
 from ..models.param_groups import optimizer_groups  # noqa: F401 (re-exported for old imports)
 from ..parallel import DeepSpeedMPU, ParallelState
-from ..parallel.deepspeed_utils import check_zero_tensor_parallel_setup, zero_init_context
+from ..models.compile import COMPILED_BLOCKS, compile_blocks
+from ..parallel.deepspeed_utils import check_zero_tensor_parallel_setup, mark_zero3_leaf_modules, zero_init_context
 from ..parallel.random import model_parallel_seed
 from .config import TrainConfig
 from .recompute import normalize_policy
@@ -49,6 +50,10 @@ def build_engine(cfg: TrainConfig, model_cfg: RILSConfig, ds_config: dict, state
         model = build_model(model_cfg, spec, attn_backend=cfg.attn_backend)
     if stage == 3:
         check_zero_tensor_parallel_setup(model, state)
+    if cfg.compile:  # regional compilation: each block on its own (models/compile.py)
+        if stage == 3:
+            mark_zero3_leaf_modules(model, COMPILED_BLOCKS)
+        compile_blocks(model)
 
     weight_decay = ds_config.get("optimizer", {}).get("params", {}).get("weight_decay", 0.0)
     groups = optimizer_groups(model, weight_decay)

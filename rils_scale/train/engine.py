@@ -10,7 +10,8 @@ from ..models import ParallelSpec, RILSConfig, build_model
 from ..models.param_groups import optimizer_groups  # noqa: F401 (re-exported for old imports)
 from ..parallel import DeepSpeedMPU, ParallelState
 from ..models.compile import COMPILED_BLOCKS, compile_blocks
-from ..parallel.deepspeed_utils import check_zero_tensor_parallel_setup, mark_zero3_leaf_modules, zero_init_context
+from ..parallel.deepspeed_utils import (check_zero_tensor_parallel_setup, mark_zero3_leaf_modules,
+                                        reduce_leaf_gradients_per_parameter, zero_init_context)
 from ..parallel.random import model_parallel_seed
 from .config import TrainConfig
 from .recompute import normalize_policy
@@ -60,6 +61,8 @@ def build_engine(cfg: TrainConfig, model_cfg: RILSConfig, ds_config: dict, state
     scheduler = lambda opt: warmup_cosine(opt, cfg.warmup_steps, cfg.max_steps, cfg.min_lr)  # noqa: E731
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config,
                                            mpu=mpu, lr_scheduler=scheduler)
+    if cfg.compile and stage == 3:
+        reduce_leaf_gradients_per_parameter(engine)
     return engine, spec
 
 

@@ -18,6 +18,8 @@ raise. docs/performance.md ("Compiled blocks") has the measurements.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn as nn
 
@@ -25,10 +27,14 @@ from .transformer import Block
 
 COMPILED_BLOCKS = (Block,)
 """The module classes compiled one by one (and made ZeRO-3 leaf modules)."""
+BACKEND = "inductor"
+"""The torch.compile backend of :func:`compile_blocks` (tests swap in ``aot_eager`` where
+inductor's code generation is not what they check)."""
 
 
-def compile_blocks(model: nn.Module, backend: str = "inductor") -> int:
+def compile_blocks(model: nn.Module, backend: Optional[str] = None) -> int:
     """Replace each block's ``forward`` by its compiled form, in place; returns how many."""
+    backend = backend or BACKEND
     blocks = [m for m in model.modules() if isinstance(m, COMPILED_BLOCKS)]
     if any(getattr(b, "dropout", 0.0) > 0 for b in blocks):
         raise ValueError("--compile does not support dropout > 0 (the TP random-state swap cannot be traced)")

@@ -7,9 +7,9 @@ from typing import Optional
 import torch
 
 from ..models import ParallelSpec, RILSConfig, build_model
+from ..models.compile import COMPILED_BLOCKS, compile_blocks
 from ..models.param_groups import optimizer_groups  # noqa: F401 (re-exported for old imports)
 from ..parallel import DeepSpeedMPU, ParallelState
-from ..models.compile import COMPILED_BLOCKS, compile_blocks
 from ..parallel.deepspeed_utils import (check_zero_tensor_parallel_setup, mark_zero3_leaf_modules,
                                         reduce_leaf_gradients_per_parameter, zero_init_context)
 from ..parallel.random import model_parallel_seed
@@ -54,7 +54,7 @@ def build_engine(cfg: TrainConfig, model_cfg: RILSConfig, ds_config: dict, state
     if cfg.compile:  # regional compilation: each block on its own (models/compile.py)
         if stage == 3:
             mark_zero3_leaf_modules(model, COMPILED_BLOCKS)
-        compile_blocks(model)
+        log.info("--compile: %d transformer blocks compiled one by one (fullgraph)", compile_blocks(model))
 
     weight_decay = ds_config.get("optimizer", {}).get("params", {}).get("weight_decay", 0.0)
     groups = optimizer_groups(model, weight_decay)

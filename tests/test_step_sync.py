@@ -1,12 +1,12 @@
-"""No host synchronisation inside a training step (docs/performance.md, "No host sync").
+"""No host synchronisation inside a training step (docs/performance.md, §7).
 
 The real :meth:`Trainer.train_step` (DeepSpeed ZeRO-3, fp32, tiny model, the real loader) runs
-on 2 spawned gloo ranks, once as DP 2 x TP 1 and once as TP 2 (sequence parallel), with
-:class:`sync_spy.SyncSpy` active for whole steps (forward, losses, backward, optimizer step,
-the non-finite guard, the logit-scale clamp) except the loader's own host work. The first step
-runs without the spy (one-time work: DeepSpeed's lazy set-up). Every op that reads a device value
-back to the host fails the test, except DeepSpeed's documented per-step read
-(``sync_spy.STEP_SITES``).
+on 2 spawned gloo ranks, once as DP 2 x TP 1 (random masking) and once as TP 2 (sequence
+parallel, text-guided masking), with :class:`sync_spy.SyncSpy` active for whole steps (forward,
+losses, backward, optimizer step, the non-finite guard, the logit-scale clamp) except the
+loader's own host work. The first two steps run without the spy (DeepSpeed records and checks
+its ZeRO-3 module trace there, once). Every op that reads a device value back to the host fails
+the test, except the documented reads of the optimizer step (``sync_spy.STEP_SITES``).
 """
 from __future__ import annotations
 
@@ -94,7 +94,8 @@ def _sync_worker(rank, world, data, out_dir):
         cfg = TrainConfig(model="tiny", train_data=data["train"], tokenizer=data["tokenizer"],
                           ds_config=data["ds_config"], precision="fp32", num_workers=1, shuffle_buffer=16,
                           output_dir=os.path.join(out_dir, f"tp{tp}"), max_steps=4, warmup_steps=1,
-                          tensor_parallel=tp, sequence_parallel=tp > 1, kl_backend="streaming", seed=1)
+                          tensor_parallel=tp, sequence_parallel=tp > 1, kl_backend="streaming", seed=1,
+                          mask_strategy="text-guided" if tp > 1 else "random")
         trainer = Trainer(cfg)
         # --activation-checkpointing auto (the default) on a CPU: none, and why
         assert (trainer.checkpointing.requested, trainer.checkpointing.policy) == ("auto", "none")

@@ -1,7 +1,7 @@
 """Capacity planner: memory per GPU, communication, step time and the largest micro-batch.
 
     python -m rils_scale.plan --model vit_h14 --gpus 512 --tensor-parallel 2 --zero 3 \\
-        --micro-batch 64 --activation-checkpointing --peak-tflops 989 --mfu 0.45
+        --micro-batch 64 --activation-checkpointing auto --peak-tflops 989 --mfu 0.45
 
 The model lives in rils_scale/train/capacity.py; docs/performance.md explains how to read it.
 """
@@ -13,7 +13,7 @@ import sys
 from typing import List, Optional
 
 from .models import get_config, list_presets
-from .train.capacity import GiB, PlanConfig, plan
+from .train.capacity import CHECKPOINTING_POLICIES, GiB, PlanConfig, choose_activation_checkpointing, plan
 
 _PEAK_NOTE = "dense peak TFLOP/s per GPU (default: from --device, e.g. H100 bf16 = 989)"
 
@@ -27,7 +27,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--zero", type=int, default=3, choices=(0, 1, 2, 3), help="ZeRO stage")
     p.add_argument("--micro-batch", type=int, default=32, help="samples per GPU per micro-step")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-steps per optimizer step")
-    p.add_argument("--activation-checkpointing", action="store_true", help="recompute blocks in backward")
+    p.add_argument("--activation-checkpointing", nargs="?", const="every", default="auto",
+                   choices=CHECKPOINTING_POLICIES,
+                   help="recompute blocks in backward: none | selective (the fewest blocks that fit) | every | "
+                        "auto (what fits the --gpu-memory-gb, as the trainer picks); no value: every")
     p.add_argument("--sequence-parallel", action="store_true", help="sequence parallelism inside TP")
     p.add_argument("--offload", action="store_true", help="ZeRO-Offload the optimizer state to CPU")
     p.add_argument("--precision", default="bf16", choices=("bf16", "fp32"))
@@ -64,8 +67,10 @@ def format_plan(r: dict) -> str:
         f"{r.get('recipe', 'rils').upper() if r.get('recipe') == 'semmim' else 'RILS'} plan: {r['model']} ({r['params'] / 1e6:,.0f} M params) on {r['gpus']} GPUs = "
         f"TP {r['tensor_parallel']} x DP {r['data_parallel']}, ZeRO-{r['zero_stage']}, {r['precision']}, "
         f"micro-batch {r['micro_batch']}, global batch {r['global_batch']}, "
-        f"checkpointing {'on' if r['activation_checkpointing'] else 'off'}"
+        f"checkpointing {r['checkpointing']['policy']}"
         + (", sequence parallel" if r["sequence_parallel"] else "") + (", offload" if r["offload"] else ""),
+        "",
+        r["checkpointing_line"],
         "",
         "Memory per GPU",
         f"  {'parameters' + (' (ZeRO-3 shard)' if r['zero_stage'] >= 3 else ''):<26} {_gib(m['params'])}"
@@ -136,8 +141,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         pc = PlanConfig(
             model=cfg, gpus=args.gpus, tensor_parallel=args.tensor_parallel, zero_stage=args.zero,
-            micro_batch=args.micro_batch, grad_accum=args.grad_accum,
-            activation_checkpointing=args.activation_checkpointing, sequence_parallel=args.sequence_parallel,
+            micro_batch=args.micro_batch, grad_accum=args.grad_accum, sequence_parallel=args.sequence_parallel,
             offload=args.offload, precision=args.precision, attention=args.attention,
             recon_backend=args.recon_backend, prototype_grad=args.prototype_grad,
             gpu_memory_gb=args.gpu_memory_gb, reserved_gb=args.reserved_gb, gpus_per_node=args.gpus_per_node,
@@ -146,8 +150,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    result = plan(pc)
-    result.update(peak_tflops=peak, assumed_mfu=args.mfu)
+    choice = choose_activation_checkpointing(pc, args.activation_checkpointing)
+    result = plan(pc.replace(activation_checkpointing=choice.fraction))
+    result.update(peak_tflops=peak, assumed_mfu=args.mfu, checkpointing=choice.to_dict(),
+                  checkpointing_line=choice.line())
     if args.json:
         print(json.dumps(result, indent=2, default=float))
     else:

@@ -90,6 +90,7 @@ def test_zero3_two_ranks_train_log_checkpoint_and_resume_exactly(data, tmp_path)
     assert last.get("skipped/corrupt_image", 0) <= 1 and last["skipped/empty_caption"] == 1 \
         and last["skipped/bad_utf8"] == 1, last
     assert "step 6/6" in log and "stopped at step 6: finished" in log
+    assert "activation checkpointing: none, CPU: activations live in host memory" in log  # the planner's line
     ckpt = full / "checkpoints" / "global_step6"
     assert (ckpt / "zero_pp_rank_0_mp_rank_00_model_states.pt").exists()
     assert (ckpt / "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt").exists()

@@ -162,6 +162,7 @@ def prepare_images(images: torch.Tensor, device, dtype: torch.dtype) -> torch.Te
     if images.dtype != torch.uint8:
         return images.to(device, dtype, non_blocking=True)
     x = images.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
-    mean = torch.tensor(CLIP_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(CLIP_STD, device=x.device).view(1, 3, 1, 1)
+    # non_blocking: torch.tensor(..., device=cuda) copies blocking, i.e. waits for the queued step
+    mean = torch.tensor(CLIP_MEAN).to(x.device, non_blocking=True).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD).to(x.device, non_blocking=True).view(1, 3, 1, 1)
     return x.sub_(mean).div_(std).to(dtype).contiguous()

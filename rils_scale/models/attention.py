@@ -55,7 +55,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     ``key_padding_mask``: ``[B, N]`` bool, True where a key is padding (never attended).
     """
     name = resolve_backend(q, backend, key_padding_mask is not None)
-    _log_once(name)
+    if not torch.compiler.is_compiling():  # logging is a side effect a compiled block cannot hold
+        _log_once(name)
     if name == "flash_attn":
         out = _flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                dropout_p=dropout_p, causal=causal)

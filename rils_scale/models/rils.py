@@ -114,7 +114,8 @@ class RILS(nn.Module):
         """One RILS step's features, all L2-normalised.
 
         Returns ``image_features [B, E]``, ``text_features [B, E]``, ``logit_scale`` (scalar),
-        ``mask [B, N]`` (1 = masked) and the reconstruction's target and prediction per patch,
+        ``mask [B, N]`` (1 = masked), ``masked_ids [B, N - K]`` (the masked positions, ascending)
+        and the reconstruction's target and prediction per patch,
         ``teacher_patches`` / ``student_patches``, by ``cfg.recon_target``: language -- the
         projected, normalised unmasked-pass patches and decoder predictions ``[B, N, E]``;
         pixel -- MAE's normalised pixels and the pixel head's output ``[B, N, p*p*3]``;
@@ -148,6 +149,9 @@ class RILS(nn.Module):
         ids_keep, mask, ids_restore = random_masking(b, n, self.cfg.mask_ratio, generator=mask_generator,
                                                      scores=scores, temperature=mask_temperature,
                                                      device=images.device)
+        # The masked positions as a fixed-size [B, N - K] tensor: losses gather their rows without
+        # a host sync (objectives/rows.py). Every sample hides exactly N - K patches.
+        masked_ids = torch.sort(mask, dim=1, descending=True, stable=True).indices[:, :n - ids_keep.shape[1]]
 
         # Masked pass and decoder.
         visible = self.visual(images, ids_keep)
@@ -166,4 +170,5 @@ class RILS(nn.Module):
             "teacher_patches": teacher,
             "student_patches": student,
             "mask": mask.to(images.dtype),
+            "masked_ids": masked_ids,
         }

@@ -6,6 +6,8 @@ projections row-parallel; with TP = 1 they are plain linear layers.
 """
 from __future__ import annotations
 
+import contextlib
+import math
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -29,12 +31,28 @@ class ParallelSpec:
     """Tensor-parallel process group (None: single process)."""
     sequence_parallel: bool = False
     """Split norm/residual regions along the sequence inside the TP group."""
-    activation_checkpointing: bool = False
-    """Recompute each block in backward instead of storing its activations."""
+    activation_checkpointing: float = 0.0
+    """Fraction of each stack's blocks recomputed in backward instead of storing their
+    activations: 0 / False none, 1 / True every block, in between the first
+    ``ceil(fraction x depth)`` blocks of every stack (selective; :func:`checkpointed_blocks`)."""
 
     @property
     def tp_size(self) -> int:
         return _size(self.tp_group)
+
+
+def checkpointed_blocks(depth: int, fraction: float) -> int:
+    """Blocks of a ``depth``-block stack that activation checkpointing recomputes.
+
+    Selective checkpointing recomputes whole blocks, the first ``ceil(fraction x depth)`` of each
+    stack: per recomputed FLOP a whole block frees more memory than its MLP or attention alone
+    (docs/performance.md, "Activation checkpointing"), and which blocks does not matter for the
+    peak, which is reached when backward starts with every stack's saved tensors alive.
+    """
+    fraction = float(fraction)
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"activation checkpointing fraction must be in [0, 1], got {fraction}")
+    return min(depth, math.ceil(fraction * depth - 1e-9))
 
 
 @dataclass
@@ -89,7 +107,9 @@ class Attention(nn.Module):
         b, n, _ = qkv.shape
         q, k, v = qkv.view(b, n, 3, self.heads_local, self.head_dim).permute(2, 0, 3, 1, 4)
         p = self.dropout if self.training else 0.0
-        with get_rng_tracker().fork():  # dropout on this rank's heads
+        # dropout on this rank's heads draws from the TP state; without dropout nothing is drawn
+        # (and a compiled block cannot trace the state swap)
+        with get_rng_tracker().fork() if p > 0 else contextlib.nullcontext():
             out = attention(q, k, v, causal=self.causal, key_padding_mask=key_padding_mask,
                             dropout_p=p, backend=self.attn_backend)
         return self.proj(out.transpose(1, 2).reshape(b, n, -1))
@@ -192,7 +212,8 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    """A stack of blocks, with the sequence-parallel region and activation checkpointing.
+    """A stack of blocks, with the sequence-parallel region and activation checkpointing (of
+    the first :func:`checkpointed_blocks` blocks).
 
     Under sequence parallelism the token dimension (dim 1) is padded to a multiple of TP
     (ViT sequences such as 197 or 50 rarely divide), the padding is masked out as keys, the
@@ -220,8 +241,10 @@ class Transformer(nn.Module):
                     pad_mask = torch.zeros(x.shape[0], n + pad, dtype=torch.bool, device=x.device)
                     pad_mask[:, n:] = True
             x = scatter_to_sequence_parallel_region(x, group, dim=1)
-        for block in self.blocks:
-            if self.spec.activation_checkpointing and self.training and torch.is_grad_enabled():
+        recompute = checkpointed_blocks(len(self.blocks), self.spec.activation_checkpointing) \
+            if self.training and torch.is_grad_enabled() else 0
+        for i, block in enumerate(self.blocks):
+            if i < recompute:
                 x = checkpoint(block, x, pad_mask, context, context_padding)
             else:
                 x = block(x, pad_mask, context, context_padding)

@@ -59,8 +59,9 @@ def random_masking(batch: int, num_patches: int, mask_ratio: float, *, generator
     keep = int(num_patches * (1 - mask_ratio))
     if keep < 1:
         raise ValueError(f"mask ratio {mask_ratio} keeps no patch of {num_patches}")
-    # Drawn on CPU from a CPU generator: identical on every TP peer, on any device.
-    noise = torch.rand(batch, num_patches, generator=generator).to(device or "cpu")
+    # Drawn on CPU from a CPU generator: identical on every TP peer, on any device. The copy is
+    # non-blocking: a blocking host-to-device copy waits for every kernel queued before it.
+    noise = torch.rand(batch, num_patches, generator=generator).to(device or "cpu", non_blocking=True)
     if scores is not None:
         gumbel = -torch.log(-torch.log(noise.clamp(1e-9, 1 - 1e-9)))
         noise = scores.detach().float().to(gumbel.device) / temperature + gumbel

@@ -19,9 +19,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from ..parallel.comm import all_reduce_values
-from ..parallel.mappings import _size
-from .reconstruction import ReconstructionOutput
+from .reconstruction import ReconstructionOutput, global_mean
+from .rows import candidate_rows
 
 FEATURE_TARGETS = ("pixel", "vision")
 
@@ -45,14 +44,13 @@ class FeatureReconstructionLoss(torch.nn.Module):
         self.target, self.dp_group = target, dp_group
 
     def forward(self, student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor,
-                keep: torch.Tensor) -> ReconstructionOutput:
-        """``student``/``teacher`` ``[B, N, F]``, ``mask`` ``[B, N]`` (1 = masked), ``keep`` ``[B]``."""
-        selected = (mask > 0) & keep[:, None]
-        idx = selected.flatten().nonzero().squeeze(1)
-        rows = int(idx.numel())
-        global_rows = int(all_reduce_values([rows], self.dp_group)[0])  # on the comm device (NCCL-safe)
-        if global_rows == 0:
-            return ReconstructionOutput(student.sum() * 0.0, 0, 0)
+                keep: torch.Tensor, masked_ids: Optional[torch.Tensor] = None) -> ReconstructionOutput:
+        """``student``/``teacher`` ``[B, N, F]``, ``mask`` ``[B, N]`` (1 = masked), ``keep`` ``[B]``,
+        ``masked_ids`` ``[B, K]`` (optional: the masked positions, see :func:`.rows.candidate_rows`)."""
+        idx, counted = candidate_rows(mask, keep, masked_ids)  # fixed-size rows: no host sync
         f = student.shape[-1]
-        losses = per_row_loss(student.reshape(-1, f)[idx], teacher.reshape(-1, f)[idx], self.target)
-        return ReconstructionOutput(losses.sum() * (_size(self.dp_group) / global_rows), rows, global_rows)
+        losses = per_row_loss(student.reshape(-1, f).index_select(0, idx),
+                              teacher.reshape(-1, f).index_select(0, idx), self.target)
+        rows = counted.sum()
+        loss, global_rows = global_mean(torch.where(counted, losses, 0).sum(), rows, self.dp_group)
+        return ReconstructionOutput(loss, rows, global_rows)

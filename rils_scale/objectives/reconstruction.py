@@ -1,10 +1,12 @@
 """Masked reconstruction in language space: the patch-sentence KL of RILS (DESIGN §1.6).
 
-Rows that do not count are dropped *before* the KL: only masked patch positions of samples
-whose image->text top-1 retrieval is correct. The mean is over all kept rows of the global
-batch (a count all-reduced over DP), scaled so that DeepSpeed's DP gradient averaging yields
-the gradient of that global mean. Under TP the kept rows are split across TP ranks (each
-computes its share, the sums are all-reduced) instead of being computed TP times.
+Only masked patch positions of samples whose image->text top-1 retrieval is correct count.
+The rows are a fixed number per sample with 0/1 weights (:mod:`.rows`: no host sync), and the
+mean is over the weight-1 rows of the global batch (a count all-reduced over DP on the device),
+scaled so that DeepSpeed's DP gradient averaging yields the gradient of that global mean. Under
+TP the rows are split across TP ranks (each computes its share, the sums are all-reduced)
+instead of being computed TP times; the row count is static, so the padding to a multiple of TP
+is too.
 """
 from __future__ import annotations
 
@@ -15,19 +17,28 @@ import torch
 import torch.distributed as dist
 
 from ..ops import patch_sentence_kl
-from ..parallel.comm import all_reduce_values
+from ..parallel.comm import all_reduce_no_grad
 from ..parallel.mappings import (_size, copy_to_tensor_parallel_region,
                                  reduce_from_tensor_parallel_region, scatter_to_tensor_parallel_region)
+from .rows import candidate_rows
 
 
 @dataclass
 class ReconstructionOutput:
     loss: torch.Tensor
-    """Mean KL over the kept rows of the global batch (scaled by DP size for gradient averaging)."""
-    rows: int
-    """Kept rows on this DP rank."""
-    global_rows: int
-    """Kept rows in the global batch."""
+    """Mean loss over the counted rows of the global batch (scaled by DP size for gradient averaging)."""
+    rows: torch.Tensor
+    """Counted rows on this DP rank (int64 device scalar: reading it on the host is a sync)."""
+    global_rows: torch.Tensor
+    """Counted rows in the global batch (int64 device scalar)."""
+
+
+def global_mean(total: torch.Tensor, rows: torch.Tensor, dp_group: Optional[dist.ProcessGroup]):
+    """``(loss, global_rows)``: ``total`` over the DP-summed ``rows``, times the DP size (DeepSpeed
+    averages gradients over DP). No rows anywhere gives 0 (``total`` is then 0), without a branch."""
+    global_rows = all_reduce_no_grad(rows, dp_group)
+    acc = torch.promote_types(total.dtype, torch.float32)  # a bf16 count would round
+    return total.to(acc) * (_size(dp_group) / global_rows.clamp(min=1).to(acc)), global_rows
 
 
 class PatchSentenceReconstructionLoss(torch.nn.Module):
@@ -40,36 +51,36 @@ class PatchSentenceReconstructionLoss(torch.nn.Module):
         self.dp_group, self.tp_group = dp_group, tp_group
 
     def forward(self, student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor,
-                keep: torch.Tensor, prototypes: torch.Tensor) -> ReconstructionOutput:
+                keep: torch.Tensor, prototypes: torch.Tensor,
+                masked_ids: Optional[torch.Tensor] = None) -> ReconstructionOutput:
         """``student``/``teacher`` ``[B, N, E]``, ``mask`` ``[B, N]`` (1 = masked), ``keep`` ``[B]``
-        bool, ``prototypes`` ``[M, E]`` (the global batch's text embeddings)."""
-        selected = (mask > 0) & keep[:, None]
-        idx = selected.flatten().nonzero().squeeze(1)
-        rows = int(idx.numel())
-        global_rows = int(all_reduce_values([rows], self.dp_group)[0])
-        if global_rows == 0:  # nothing counts anywhere: keep the graph, contribute zero
-            return ReconstructionOutput(student.sum() * 0.0, 0, 0)
-
+        bool, ``prototypes`` ``[M, E]`` (the global batch's text embeddings), ``masked_ids``
+        ``[B, K]`` (optional: the masked positions, see :func:`.rows.candidate_rows`)."""
+        idx, counted = candidate_rows(mask, keep, masked_ids)
+        rows = counted.sum()
         e = student.shape[-1]
-        s_rows, t_rows = student.reshape(-1, e)[idx], teacher.detach().reshape(-1, e)[idx]
+        # Rows that do not count enter as zero students: they add nothing to the prototypes'
+        # gradient, and the streaming KL keeps its uniform-gradient shortcut (ops/kl_streaming.py)
+        s_rows = student.reshape(-1, e).index_select(0, idx) * counted[:, None].to(student.dtype)
+        t_rows = teacher.detach().reshape(-1, e).index_select(0, idx)
         protos = prototypes if self.prototype_grad else prototypes.detach()
-        weights = torch.ones(rows, device=student.device, dtype=torch.float32)
 
         tp = _size(self.tp_group)
         if tp > 1:  # split rows over TP peers (padding rows carry weight 0)
-            pad = (-rows) % tp
+            pad = (-idx.numel()) % tp  # static: the row count does not depend on the data
             if pad:
                 s_rows = torch.cat([s_rows, s_rows.new_zeros(pad, e)])
                 t_rows = torch.cat([t_rows, t_rows.new_zeros(pad, e)])
-                weights = torch.cat([weights, weights.new_zeros(pad)])
+                counted = torch.cat([counted, counted.new_zeros(pad)])
             s_rows = scatter_to_tensor_parallel_region(s_rows, self.tp_group, dim=0)
             t_rows = scatter_to_tensor_parallel_region(t_rows, self.tp_group, dim=0)
-            weights = scatter_to_tensor_parallel_region(weights, self.tp_group, dim=0)
+            counted = scatter_to_tensor_parallel_region(counted, self.tp_group, dim=0)
             if self.prototype_grad:
                 protos = copy_to_tensor_parallel_region(protos, self.tp_group)
 
         kl = patch_sentence_kl(s_rows, t_rows, protos, student_temp=self.student_temp,
                                teacher_temp=self.teacher_temp, backend=self.backend)
-        total = reduce_from_tensor_parallel_region((kl * weights.to(kl.dtype)).sum(), self.tp_group)
-        loss = total * (_size(self.dp_group) / global_rows)
+        # where, not a product: a row that does not count must not bring a NaN/inf into the sum
+        total = reduce_from_tensor_parallel_region(torch.where(counted, kl, 0).sum(), self.tp_group)
+        loss, global_rows = global_mean(total, rows, self.dp_group)
         return ReconstructionOutput(loss, rows, global_rows)

@@ -59,11 +59,13 @@ class RILSLoss(torch.nn.Module):
         language = self.cfg.recon_target == "language"
         keep = clip.correct_image_to_text if self.cfg.retrieval_filter and language else torch.ones_like(
             clip.correct_image_to_text)
+        masked_ids = out.get("masked_ids")  # fixed-size masked rows (objectives/rows.py)
         if language:
             recon = self.reconstruction(out["student_patches"], out["teacher_patches"], out["mask"], keep,
-                                        clip.all_text_features)
+                                        clip.all_text_features, masked_ids)
         else:
-            recon = self.reconstruction(out["student_patches"], out["teacher_patches"], out["mask"], keep)
+            recon = self.reconstruction(out["student_patches"], out["teacher_patches"], out["mask"], keep,
+                                        masked_ids)
         loss = clip.loss + self.cfg.recon_weight * recon.loss
         dp = _size(self.dp_group)
         recon_global = recon.loss.detach() / dp  # this rank's share of the global mean

@@ -82,6 +82,39 @@ def any_rank(flag: bool, group: Optional[dist.ProcessGroup] = None) -> bool:
     return all_reduce_values([1.0 if flag else 0.0], group, "max")[0] > 0
 
 
+class PendingValues:
+    """A device tensor's values on their way to the host, without a device-wide wait.
+
+    The copy is queued on the current stream right behind the work that produced the values (on
+    CUDA into pinned memory, non-blocking, with an event); :meth:`host_values` waits for that event
+    only, never for work queued after it. Read it after something else has synchronised past it
+    (e.g. DeepSpeed's per-step gradient-norm check) and it costs nothing. On a CPU it is a copy.
+    """
+
+    def __init__(self, x: torch.Tensor):
+        x = x.detach()
+        self._event = None
+        if x.device.type == "cuda":
+            self._host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+            self._host.copy_(x, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host = x.to("cpu", copy=True)
+
+    def host_values(self) -> List[float]:
+        if self._event is not None:
+            self._event.synchronize()
+        return [float(v) for v in self._host.reshape(-1).tolist()]
+
+
+def any_rank_async(flags: torch.Tensor, group: Optional[dist.ProcessGroup] = None) -> PendingValues:
+    """Per element, whether it is non-zero on any rank of ``group`` (default: the world), as
+    :class:`PendingValues`: the all-reduce runs on the device, the host reads the result later."""
+    group = world_group() if group is None else group
+    return PendingValues(all_reduce_no_grad(flags.detach().float(), group, "max"))
+
+
 def broadcast_values(values: Sequence[float], src: int = 0, group: Optional[dist.ProcessGroup] = None) -> List[float]:
     """Rank ``src``'s (global rank) float64 values on every rank of ``group`` (default: world)."""
     group = world_group() if group is None else group

@@ -51,6 +51,44 @@ def zero_init_context(state: ParallelState, ds_config, enabled: bool = True):
                                config_dict_or_path=ds_config, enabled=enabled)
 
 
+def mark_zero3_leaf_modules(model: nn.Module, classes) -> int:
+    """Make every module of ``classes`` a ZeRO-3 *leaf* (before ``deepspeed.initialize``): its
+    parameters, its submodules' included, are gathered by one hook before its forward (and its
+    backward) and its submodules get no hooks. Compiled blocks need this (models/compile.py).
+    Call :func:`reduce_leaf_gradients_per_parameter` on the engine afterwards. Returns how many
+    modules were marked."""
+    from deepspeed.utils import set_z3_leaf_modules
+    return len(set_z3_leaf_modules(model, list(classes)))
+
+
+def reduce_leaf_gradients_per_parameter(engine) -> int:
+    """Give the parameters of ZeRO-3 leaf modules the ordinary per-parameter gradient hooks.
+
+    DeepSpeed 0.19 reduces a leaf module's gradients in the module's full backward hook, once
+    per *call*. RILS calls each vision block twice per step (unmasked and masked pass), so that
+    hook would reduce each parameter twice per step, the first time before the other pass's
+    gradient has been added (ZeRO-3 asserts: "a parameter twice in one bucket"). The ordinary
+    hook (``register_post_accumulate_grad_hook``) fires once, after autograd has summed every
+    use. Leaf modules keep what compiled blocks need: gathering for the whole block, no hooks on
+    its submodules. Uses DeepSpeed's own ``create_reduce_and_remove_grad_hooks`` after dropping
+    the leaf marks on the parameters; returns how many parameters changed hooks.
+    """
+    opt = engine.optimizer
+    needed = ("_grad_acc_hooks", "_leaf_module_hooks", "create_reduce_and_remove_grad_hooks", "fp16_groups")
+    if not all(hasattr(opt, name) for name in needed):
+        raise RuntimeError("--compile under ZeRO-3 relies on DeepSpeed 0.19's stage-3 optimizer internals "
+                           f"({', '.join(needed)}), which this DeepSpeed ({type(opt).__name__}) lacks")
+    params = [p for group in opt.fp16_groups for p in group if hasattr(p, "ds_z3_leaf_module")]
+    for handle in opt._grad_acc_hooks + opt._leaf_module_hooks:
+        handle.remove()
+    opt._grad_acc_hooks.clear()
+    opt._leaf_module_hooks.clear()
+    for p in params:
+        del p.ds_z3_leaf_module
+    opt.create_reduce_and_remove_grad_hooks()
+    return len(params)
+
+
 def _group_ranks(group) -> Tuple[int, ...]:
     return tuple(dist.get_global_rank(group, r) for r in range(dist.get_world_size(group)))
 

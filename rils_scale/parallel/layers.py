@@ -120,6 +120,19 @@ def activation_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype  # no autocast (or a device without it, e.g. meta)
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``F.linear``, except while torch.compile traces (``--compile``, models/compile.py).
+
+    Under ZeRO-3 DeepSpeed replaces ``F.linear`` by its own autograd Function, which re-gathers
+    the weight in backward through Python calls dynamo cannot trace. A compiled block is a
+    ZeRO-3 leaf module: all its parameters are gathered before its forward and again before its
+    backward by the hooks around the block, so the plain op is right inside it.
+    """
+    if torch.compiler.is_compiling():
+        return torch._C._nn.linear(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
 class SequenceParallelLayerNorm(nn.LayerNorm):
     """LayerNorm whose affine gradients are summed over TP when sequence parallel is on."""
 
@@ -166,7 +179,7 @@ class ColumnParallelLinear(nn.Module):
             x = gather_from_sequence_parallel_region(x, self.tp_group, self.sequence_dim)
         else:
             x = copy_to_tensor_parallel_region(x, self.tp_group)
-        y = F.linear(x, self.weight, self.bias)
+        y = linear(x, self.weight, self.bias)
         if self.gather_output:
             y = gather_from_tensor_parallel_region(y, self.tp_group, dim=-1)
         return y
@@ -201,7 +214,7 @@ class RowParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.input_is_parallel:
             x = scatter_to_tensor_parallel_region(x, self.tp_group, dim=-1)
-        y = F.linear(x, self.weight)
+        y = linear(x, self.weight)
         if self.sequence_parallel:
             y = reduce_scatter_to_sequence_parallel_region(y, self.tp_group, self.sequence_dim)
         else:

@@ -37,6 +37,8 @@ def _rank(group) -> int:
 
 
 def _account(kind: str, tensor: torch.Tensor, factor: float) -> None:
+    if torch.compiler.is_compiling():  # a Python side effect: not inside compiled blocks (--compile)
+        return
     COMM_BYTES[kind] += int(tensor.numel() * tensor.element_size() * factor)
 
 

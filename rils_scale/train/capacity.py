@@ -21,8 +21,10 @@ Memory per GPU = model states + max(during backward, during the optimizer step):
   because the column-parallel layer saves the gathered input), qkv output, the attention
   state (math: softmax output ``heads·S²``; FlashAttention/SDPA kernels: output + log-sum-exp),
   the proj input, GELU input and output. That is ``S·D·(8 + 4·F/D)`` elements + attention,
-  the Korthikanti et al. (2022) count without dropout masks. Under checkpointing, a block
-  keeps only its input, and one block is rematerialised at a time during backward. Plus the
+  the Korthikanti et al. (2022) count without dropout masks. A checkpointed block keeps only
+  its input, and one block is rematerialised at a time during backward; the policy
+  checkpoints none, the first ``checkpointed_blocks(depth, fraction)`` blocks of every stack
+  (selective) or every block (:func:`choose_activation_checkpointing`). Plus the
   tensors outside the blocks (final norms, projections, normalised features) and a transient
   for the gradients of the block being back-propagated.
 - loss workspace: contrastive logits ``B × G`` (both directions, fp32 copies for the
@@ -48,6 +50,7 @@ from dataclasses import dataclass
 from typing import Dict, Optional
 
 from ..models.config import RILSConfig
+from ..models.transformer import checkpointed_blocks
 from .flops import masked_patches, model_params, params_per_rank, rils_step_flops, visible_tokens
 
 GiB = 2 ** 30
@@ -71,8 +74,9 @@ class PlanConfig:
     """Samples per GPU per micro-step (the same samples on every TP peer)."""
     grad_accum: int = 1
     """Micro-steps per optimizer step."""
-    activation_checkpointing: bool = False
-    """Recompute every transformer block in backward."""
+    activation_checkpointing: float = 0.0
+    """Fraction of each stack's blocks recomputed in backward: 0 / False none, 1 / True every
+    block, in between selective (models.transformer.checkpointed_blocks)."""
     sequence_parallel: bool = False
     """Split LayerNorm/residual regions along the sequence over TP."""
     offload: bool = False
@@ -135,6 +139,9 @@ class PlanConfig:
             raise ValueError(f"recon_backend must be streaming, cuda or reference, got {self.recon_backend!r}")
         if self.micro_batch < 1:
             raise ValueError("micro batch must be >= 1")
+        self.activation_checkpointing = float(self.activation_checkpointing)
+        if not 0.0 <= self.activation_checkpointing <= 1.0:
+            raise ValueError(f"activation checkpointing fraction must be in [0, 1], got {self.activation_checkpointing}")
 
     @property
     def dp(self) -> int:
@@ -222,11 +229,11 @@ def _semmim(cfg: RILSConfig) -> bool:
 
 
 def activation_bytes(pc: PlanConfig, micro_batch: Optional[int] = None,
-                     checkpointing: Optional[bool] = None) -> Dict[str, float]:
+                     checkpointing: Optional[float] = None) -> Dict[str, float]:
     """Activation memory per GPU for one micro-batch: per tower, outside the blocks, and the
     backward transient; ``total`` is what is live at the start of backward plus the transient."""
     b = pc.micro_batch if micro_batch is None else micro_batch
-    ckpt = pc.activation_checkpointing if checkpointing is None else checkpointing
+    ckpt = float(pc.activation_checkpointing if checkpointing is None else checkpointing)
     cfg, tp, e = pc.model, pc.tensor_parallel, _ACT_BYTES[pc.precision]
     v, t, emb = cfg.vision, cfg.text, cfg.embed_dim
     sp = tp if pc.sequence_parallel and tp > 1 else 1
@@ -236,7 +243,8 @@ def activation_bytes(pc: PlanConfig, micro_batch: Optional[int] = None,
         full = block_activation_bytes(s, d, f, heads, tp=tp, sequence_parallel=pc.sequence_parallel,
                                       attention=pc.attention, act_bytes=e)
         largest_block = max(largest_block, full)
-        out[name] = b * depth * (s * d * e / sp if ckpt else full)
+        recomputed = checkpointed_blocks(depth, ckpt)  # these keep only their input
+        out[name] = b * (recomputed * s * d * e / sp + (depth - recomputed) * full)
     n, k1 = v.num_patches, visible_tokens(cfg)
     s_all, d = 1 + n, v.width
     other = (3 * v.image_size ** 2  # the input images
@@ -250,7 +258,7 @@ def activation_bytes(pc: PlanConfig, micro_batch: Optional[int] = None,
     out["outside_blocks"] = b * other * e
     # backward: gradients of the block being processed (~ its saved activations), and under
     # checkpointing its rematerialised activations as well
-    out["backward_transient"] = b * largest_block * (2 if ckpt else 1)
+    out["backward_transient"] = b * largest_block * (2 if ckpt > 0 else 1)
     out["total"] = sum(out.values())
     return out
 
@@ -277,7 +285,6 @@ def memory_per_gpu(pc: PlanConfig, micro_batch: Optional[int] = None) -> Dict[st
     """Every memory line in bytes; ``peak`` = what must fit, ``usable`` = what the GPU offers."""
     states = model_state_bytes(pc)
     act = activation_bytes(pc, micro_batch)
-    act_other = activation_bytes(pc, micro_batch, checkpointing=not pc.activation_checkpointing)
     loss = loss_workspace_bytes(pc, micro_batch)
     resident = states["params"] + states["grads"] + states["optimizer"] + states["zero_buffers"] + states["momentum"]
     during_backward = act["total"] + loss["total"]
@@ -288,8 +295,8 @@ def memory_per_gpu(pc: PlanConfig, micro_batch: Optional[int] = None) -> Dict[st
         "momentum": states["momentum"],
         "zero_buffers": states["zero_buffers"], "optimizer_step_transient": states["optimizer_step_transient"],
         "activations": act["total"],
-        "activations_checkpointed": act["total"] if pc.activation_checkpointing else act_other["total"],
-        "activations_full": act_other["total"] if pc.activation_checkpointing else act["total"],
+        "activations_checkpointed": activation_bytes(pc, micro_batch, checkpointing=1.0)["total"],
+        "activations_full": activation_bytes(pc, micro_batch, checkpointing=0.0)["total"],
         "activations_by_tower": {k: v for k, v in act.items() if k != "total"},
         "loss_workspace": loss["total"], "loss_by_term": loss,
         "peak": peak, "usable": usable, "fits": peak <= usable,
@@ -331,7 +338,9 @@ def communication_bytes(pc: PlanConfig) -> Dict[str, float]:
     momentum = params_per_rank(cfg, tp, "momentum") if _semmim(cfg) else 0.0
     if pc.zero_stage == 3:
         uses = 2 * vis_r + dec_r + txt_r + proj_r + semmim  # each module gathered per use; the encoder twice
-        recompute = (2 * vis_r + dec_r + txt_r) if pc.activation_checkpointing else 0.0
+        ck = lambda depth: checkpointed_blocks(depth, pc.activation_checkpointing) / depth if depth else 0.0  # noqa: E731
+        v = cfg.vision
+        recompute = 2 * vis_r * ck(v.depth) + dec_r * ck(v.decoder_depth) + txt_r * ck(t.depth)
         # (the momentum branch is gathered once: forward only)
         out["zero3_param_allgather"] = accum * pb * (2 * uses + momentum + recompute) * ring_dp
         out["grad_reduce_scatter"] = accum * gb * phi * ring_dp
@@ -340,13 +349,15 @@ def communication_bytes(pc: PlanConfig) -> Dict[str, float]:
         out["param_allgather_after_step"] = pb * phi * ring_dp
     else:
         out["grad_allreduce"] = 2 * gb * phi * ring_dp
-    # TP: two all-reduces per block forward (attn proj, fc2), two backward (column inputs),
-    # again in the recompute; ring all-reduce sends 2 (t-1)/t of the buffer
+    # TP: two all-reduces per block forward (attn proj, fc2), two backward (column inputs), and
+    # in a checkpointed block's recompute the attn proj's again (the recompute stops before fc2;
+    # under sequence parallelism 3 of the 4 gather/scatter halves, 1.5 all-reduces); ring
+    # all-reduce sends 2 (t-1)/t of the buffer
     tp_bytes = 0.0
     if tp > 1:
         for _, depth, s, d, *_ in _towers(cfg):
             per_ar = b * s * d * e
-            n_ar = depth * (4 + (2 if pc.activation_checkpointing else 0))
+            n_ar = 4 * depth + (1.5 if pc.sequence_parallel else 1) * checkpointed_blocks(depth, pc.activation_checkpointing)
             tp_bytes += n_ar * 2 * ring_tp * per_ar
         if _semmim(cfg):  # momentum encoder (+ fusion): forward only, two all-reduces per block
             v = cfg.vision
@@ -403,7 +414,96 @@ def plan(pc: PlanConfig) -> Dict:
         "sequence_parallel": pc.sequence_parallel, "offload": pc.offload, "precision": pc.precision,
         "memory": memory_per_gpu(pc), "communication": communication_bytes(pc), "time": step_time(pc),
         "max_micro_batch": max_micro_batch(pc),
-        "max_micro_batch_full": max_micro_batch(pc.replace(activation_checkpointing=False)),
-        "max_micro_batch_checkpointed": max_micro_batch(pc.replace(activation_checkpointing=True)),
+        "max_micro_batch_full": max_micro_batch(pc.replace(activation_checkpointing=0.0)),
+        "max_micro_batch_checkpointed": max_micro_batch(pc.replace(activation_checkpointing=1.0)),
         "gpu_memory_gb": pc.gpu_memory_gb,
     }
+
+
+# --------------------------------------------------------------------------- checkpointing policy
+CHECKPOINTING_POLICIES = ("none", "selective", "every", "auto")
+AUTO_HEADROOM = 0.10
+"""Share of the usable memory ``auto`` leaves free: the activation model is an estimate
+(docs/performance.md records its error against measured peaks)."""
+
+
+@dataclass
+class CheckpointingChoice:
+    """What :func:`choose_activation_checkpointing` decided, and the numbers it decided on."""
+
+    policy: str
+    """none | selective | every."""
+    fraction: float
+    """ParallelSpec.activation_checkpointing: the fraction of each stack's blocks recomputed."""
+    requested: str
+    """none | selective | every | auto."""
+    reason: str
+    """Why, in a few words."""
+    peaks: Dict[str, float]
+    """Estimated peak bytes per device under none, selective (at ``selective_fraction``) and every."""
+    selective_fraction: float
+    """The fraction the selective estimate is for (the smallest that fits, else the largest < 1)."""
+    usable: float
+    """Usable device bytes (after reserved memory and fragmentation)."""
+    budget: float
+    """What ``auto`` lets the peak reach: usable x (1 - headroom)."""
+    depth: int
+    """Blocks of the deepest stack (selective fractions are multiples of 1 / depth)."""
+
+    def describe(self) -> str:
+        if self.policy == "selective":
+            return f"selective (the first {self.fraction * self.depth:.0f}/{self.depth} blocks of every stack)"
+        return self.policy
+
+    def line(self) -> str:
+        def size(x):
+            return f"{x / GiB:.1f} GiB" if x >= GiB else f"{x / 2 ** 20:.0f} MiB"
+        k = round(self.selective_fraction * self.depth)
+        return (f"activation checkpointing: {self.describe()}, {self.reason}; estimated peak per device: "
+                f"none {size(self.peaks['none'])}, selective {k}/{self.depth} {size(self.peaks['selective'])}, "
+                f"every {size(self.peaks['every'])}; budget {size(self.budget)} of {size(self.usable)} usable")
+
+    def to_dict(self) -> Dict:
+        return dataclasses.asdict(self)
+
+
+def choose_activation_checkpointing(pc: PlanConfig, requested: str = "auto",
+                                    headroom: float = AUTO_HEADROOM) -> CheckpointingChoice:
+    """The activation-checkpointing policy for ``pc``'s model, micro-batch and device memory.
+
+    ``auto``: no recompute if the estimated peak fits the budget; else the fewest blocks per
+    stack that make it fit (selective: recompute grows with the blocks, so the fewest is the
+    cheapest); else every block. ``none`` / ``every`` are taken as asked; ``selective`` as
+    asked, at the fraction ``auto`` would pick (at least one block, at most all but one).
+    """
+    if requested not in CHECKPOINTING_POLICIES:
+        raise ValueError(f"activation checkpointing must be one of {CHECKPOINTING_POLICIES}, got {requested!r}")
+    cfg = pc.model
+    depth = max(cfg.vision.depth, cfg.vision.decoder_depth, cfg.text.depth)
+    peak = lambda f: memory_per_gpu(pc.replace(activation_checkpointing=f))["peak"]  # noqa: E731
+    usable = memory_per_gpu(pc)["usable"]
+    budget = usable * (1.0 - headroom)
+    partial = [k / depth for k in range(1, depth)]
+    fitting = next((f for f in partial if peak(f) <= budget), None)
+    shown = fitting if fitting is not None else (partial[-1] if partial else 1.0)
+    peaks = {"none": peak(0.0), "selective": peak(shown), "every": peak(1.0)}
+    none_fits, every_fits = peaks["none"] <= budget, peaks["every"] <= budget
+
+    def choice(policy, fraction, reason):
+        return CheckpointingChoice(policy, fraction, requested, reason, peaks, shown, usable, budget, depth)
+
+    if requested == "none":
+        return choice("none", 0.0, "as requested" + ("" if none_fits else " (estimated above the budget)"))
+    if requested == "every":
+        return choice("every", 1.0, "as requested" + ("" if every_fits else " (estimated above the budget)"))
+    if requested == "selective":
+        fraction = fitting if fitting is not None else (partial[0] if none_fits or not partial else partial[-1])
+        return choice("selective", fraction, "as requested")
+    if none_fits:
+        return choice("none", 0.0, "no recompute needed: the estimate without it fits")
+    if fitting is not None:
+        return choice("selective", fitting, "the fewest recomputed blocks whose estimate fits")
+    if every_fits:
+        return choice("every", 1.0, "only recomputing every block fits")
+    return choice("every", 1.0, "even recomputing every block is estimated above the budget: lower the "
+                                "micro-batch, raise TP or use ZeRO offload")

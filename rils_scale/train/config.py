@@ -91,8 +91,13 @@ class TrainConfig:
     """Tensor-parallel ranks (consecutive ranks, inside a node)."""
     sequence_parallel: bool = False
     """Sequence parallelism inside TP groups."""
-    activation_checkpointing: bool = False
-    """Recompute every transformer block in backward."""
+    activation_checkpointing: str = field(default="auto", metadata={
+        "choices": ("none", "selective", "every", "auto"), "const": "every"})
+    """Recompute blocks in backward: none | selective (the fewest blocks of each stack that fit) | every |
+    auto (the planner's pick for this device's memory and micro-batch, printed at start; CPU: none);
+    the flag alone means every (docs/performance.md)."""
+    compile: bool = False
+    """Compile each transformer block with torch.compile (regional, fullgraph; docs/performance.md)."""
     # --- run management
     output_dir: str = "runs/rils"
     """Run directory: metrics.jsonl, TensorBoard events, config.json, checkpoints/."""
@@ -162,6 +167,10 @@ def build_parser() -> argparse.ArgumentParser:
         flag = "--" + f.name.replace("_", "-")
         names = [flag] + (["--" + f.name] if "_" in f.name else [])
         kw = dict(dest=f.name, help=helps.get(f.name, ""))
+        if "choices" in f.metadata:  # an enumerated option; with "const", the bare flag means it
+            extra = dict(nargs="?", const=f.metadata["const"]) if "const" in f.metadata else {}
+            parser.add_argument(*names, default=f.default, choices=f.metadata["choices"], **extra, **kw)
+            continue
         if f.type in ("bool", bool):
             parser.add_argument(*names, action="store_true", **kw)
             continue

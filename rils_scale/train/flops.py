@@ -38,9 +38,12 @@ logits (the prototypes are detached by default: 1×, 2× with
 
 ``total`` is the *model* FLOPs per rank (forward + backward, the numerator of MFU): work a
 perfect implementation must do. ``recompute`` (activation checkpointing: one more forward of
-every transformer block) and ``recon_recompute`` (the streaming KL backward recomputes both
-logit matrices, as FlashAttention does) are extra hardware work, reported apart and summed in
-``total_with_recompute`` (the numerator of HFU: what is *executed*).
+every checkpointed transformer block, as the chosen policy checkpoints them, except fc2's
+product: torch's non-reentrant checkpoint stops recomputing at the last tensor backward needs), ``recon_recompute``
+(the streaming KL backward recomputes both logit matrices, as FlashAttention does) and
+``recon_uncounted`` (masked rows the retrieval filter drops, computed anyway with weight 0) are
+extra hardware work, reported apart and summed in ``total_with_recompute`` (the numerator of HFU:
+what is *executed*).
 
 The patch-sentence KL on its own (:func:`kl_flops`, the convention the KL benchmark and the
 fused kernels report) counts what is executed, FlashAttention's way: forward = the two logit
@@ -56,6 +59,7 @@ from ..models.config import RILSConfig
 from .flop_terms import (_block_params, _patch_embed_flops, block_attention_flops, block_flops,  # noqa: F401
                          block_linear_flops, context_projection_flops, cross_attention_flops, masked_patches,
                          visible_tokens)
+from ..models.transformer import checkpointed_blocks
 
 COMPONENTS = ("masked_encoder", "unmasked_encoder", "decoder", "text", "projections", "contrastive",
               "reconstruction")
@@ -83,7 +87,7 @@ def kl_flops(rows: int, prototypes: int, dim: int, *, prototype_grad: bool = Fal
 
 # --------------------------------------------------------------------------- step FLOPs
 def rils_step_flops(cfg: RILSConfig, micro_batch: int, global_batch: int, *,
-                    activation_checkpointing: bool = False, tensor_parallel: int = 1,
+                    activation_checkpointing: float = 0.0, tensor_parallel: int = 1,
                     recon_rows_fraction: float = 1.0, prototype_grad: bool = False,
                     recon_backend: str = "streaming", recon_split_tp: bool = True) -> Dict[str, float]:
     """FLOPs of one training step (one micro-batch) on one rank.
@@ -96,6 +100,13 @@ def rils_step_flops(cfg: RILSConfig, micro_batch: int, global_batch: int, *,
     numerator) and ``total_with_recompute`` (plus all recomputation: HFU numerator).
     ``backward_components`` holds the backward FLOPs per component.
 
+    ``activation_checkpointing``: the fraction of each stack's blocks recomputed in backward
+    (False / 0 none, True / 1 every block, in between selective: the first
+    ``models.transformer.checkpointed_blocks`` blocks of each stack); ``recompute`` counts those
+    blocks' forward again, up to fc2 (torch's checkpoint stops at the last tensor backward needs). ``recon_rows_fraction``: the fraction of masked rows that count
+    (the retrieval filter); the KL computes every masked row (fixed-size rows,
+    objectives/rows.py), so the others are executed work (``recon_uncounted``), not model FLOPs.
+
     Extra switches (defaults match the trainer): ``prototype_grad`` (the KL also trains the
     text tower through the prototypes: one more product in backward), ``recon_backend``
     (any KL backend but "reference" recomputes both logit matrices in backward; "reference"
@@ -107,7 +118,7 @@ def rils_step_flops(cfg: RILSConfig, micro_batch: int, global_batch: int, *,
         from .semmim_flops import semmim_step_flops
         return semmim_step_flops(cfg, micro_batch, global_batch, activation_checkpointing=activation_checkpointing,
                                  tensor_parallel=tensor_parallel)
-    key = (repr(cfg.to_dict()), int(micro_batch), int(global_batch), bool(activation_checkpointing),
+    key = (repr(cfg.to_dict()), int(micro_batch), int(global_batch), float(activation_checkpointing),
            int(tensor_parallel), float(recon_rows_fraction), bool(prototype_grad), recon_backend,
            bool(recon_split_tp))
     if key not in _CACHE:  # RILSConfig is not hashable: key on its contents
@@ -120,7 +131,7 @@ def rils_step_flops(cfg: RILSConfig, micro_batch: int, global_batch: int, *,
 _CACHE: Dict[tuple, Dict] = {}
 
 
-def _compute(cfg: RILSConfig, b: int, g: int, ckpt: bool, tp: int, rows_frac: float, proto_grad: bool,
+def _compute(cfg: RILSConfig, b: int, g: int, ckpt: float, tp: int, rows_frac: float, proto_grad: bool,
              recon_backend: str, recon_split_tp: bool) -> Dict[str, float]:
     if b < 1 or g < b:
         raise ValueError(f"need 1 <= micro_batch <= global_batch, got {b} and {g}")
@@ -169,8 +180,16 @@ def _compute(cfg: RILSConfig, b: int, g: int, ckpt: bool, tp: int, rows_frac: fl
     bwd["reconstruction"] = kl["model_backward"]  # dS (+ dT with prototype_grad); teacher: stop-gradient
 
     sharded_fwd = sum(blocks.values())
-    recompute = sharded_fwd if ckpt else 0
+    # Recompute of a checkpointed block: its forward up to the last tensor backward needs. torch's
+    # non-reentrant checkpoint stops there (early stop), so fc2's product is not redone.
+    stacks = {"masked_encoder": (v.depth, s_vis, d, f), "unmasked_encoder": (v.depth, s_all, d, f),
+              "decoder": (v.decoder_depth, s_all, d, f), "text": (t.depth, t.context_length, t.width, t.mlp_hidden)}
+    recompute = sum(b * checkpointed_blocks(depth, ckpt) * (block_flops(s, w, h) - 2 * s * h * w)
+                    for depth, s, w, h in stacks.values())
     recon_recompute = kl["recompute"]
+    # rows the retrieval filter drops are still computed (fixed-size rows, weight 0)
+    uncounted = kl_flops(b * masked_patches(cfg) * (1.0 - rows_frac), g, e, prototype_grad=proto_grad,
+                         backend=recon_backend)["total"]
 
     recon_div = tp if recon_split_tp else 1
     recon_total = fwd["reconstruction"] + bwd["reconstruction"]
@@ -185,8 +204,9 @@ def _compute(cfg: RILSConfig, b: int, g: int, ckpt: bool, tp: int, rows_frac: fl
         backward=float(sum(bwd.values())),
         recompute=float(recompute),
         recon_recompute=float(recon_recompute),
+        recon_uncounted=float(uncounted),
         total=float(total),
-        total_with_recompute=float(total + recompute / tp + recon_recompute / recon_div),
+        total_with_recompute=float(total + recompute / tp + (recon_recompute + uncounted) / recon_div),
         attention=float(b * (v.depth * block_attention_flops(s_vis, d)
                              + (v.depth + v.decoder_depth) * block_attention_flops(s_all, d)
                              + t.depth * block_attention_flops(t.context_length, t.width))),

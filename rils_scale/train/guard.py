@@ -6,7 +6,7 @@ skips the update: weights, fp32 masters, Adam moments and the LR schedule stay u
 ``engine.was_step_applied()`` is ``False``. A NaN/inf loss on any rank makes that norm NaN, so one
 mechanism covers both terms. The guard then
 
-- agrees over all ranks (``comm.any_rank``) which term was non-finite: ``loss`` (on some rank)
+- agrees over all ranks (``comm.any_rank_async``) which term was non-finite: ``loss`` (on some rank)
   or, if every loss was finite, ``grad_norm``;
 - undoes DeepSpeed's ``global_steps`` increment, so DeepSpeed's step, the LR scheduler's position
   and the trainer's step stay equal (the trainer's step does not advance either: the batch is
@@ -20,8 +20,10 @@ mechanism covers both terms. The guard then
 If DeepSpeed *applied* a step whose loss was non-finite (a ZeRO stage / optimizer that does not
 check the norm), the state is already corrupt: the guard raises instead of training on.
 
-Cost: one 1-element all-reduce per optimizer step (the loss flag), next to the hundreds ZeRO-3
-issues per step.
+Cost: one 1-element all-reduce per micro-step (the loss flag), next to the hundreds ZeRO-3
+issues per step, and no host sync of its own: the flag is all-reduced on the device and copied to
+the host behind the loss (``comm.any_rank_async``); after the optimizer step, whose gradient-norm
+check has already synchronised past it, reading it waits for nothing.
 """
 from __future__ import annotations
 
@@ -49,18 +51,21 @@ class NonFiniteGuard:
         self.total = int(total_before)
         self.consecutive = 0
         self._loss_bad: Optional[torch.Tensor] = None
+        self._pending: Optional[comm.PendingValues] = None
         self._applied = True
 
     def observe_loss(self, loss: torch.Tensor) -> None:
-        """Record one micro-step's loss (a device flag: no host sync here)."""
+        """Record one micro-step's loss: a device flag, agreed over all ranks on the device (every
+        rank calls this each micro-step); no host sync here."""
         bad = ~torch.isfinite(loss.detach())
         self._loss_bad = bad if self._loss_bad is None else self._loss_bad | bad
+        self._pending = comm.any_rank_async(self._loss_bad.reshape(1))
 
     def after_step(self, engine, step: int) -> bool:
         """Call after the optimizer step (gradient-accumulation boundary). Returns whether the
         update was applied; ``step`` is the trainer's step the update would have produced."""
-        loss_bad = comm.any_rank(bool(self._loss_bad.item()) if self._loss_bad is not None else False)
-        self._loss_bad = None
+        loss_bad = self._pending is not None and self._pending.host_values()[0] > 0
+        self._loss_bad = self._pending = None
         applied = bool(engine.was_step_applied()) if hasattr(engine, "was_step_applied") else True
         if applied and loss_bad:
             raise NonFiniteAbort(f"step {step}: the loss was not finite but DeepSpeed applied the update "

@@ -7,6 +7,7 @@ an MFU there.
 """
 from __future__ import annotations
 
+import os
 import resource
 import sys
 import time
@@ -199,6 +200,16 @@ def peak_memory_bytes(device=None) -> int:
         return int(torch.cuda.max_memory_allocated(device))
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(rss if sys.platform == "darwin" else rss * 1024)  # Linux reports KiB
+
+
+def device_memory_bytes(device=None) -> int:
+    """Total memory of the device the step runs on: the GPU's (``total_memory``), else the host's
+    physical memory (shared by every CPU rank of the machine)."""
+    import torch
+    if torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda"):
+        index = torch.device(device).index if device is not None else None
+        return int(torch.cuda.get_device_properties(torch.cuda.current_device() if index is None else index).total_memory)
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
 
 
 def reset_peak_memory(device=None) -> None:

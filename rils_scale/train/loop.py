@@ -19,6 +19,7 @@ from ..parallel import ParallelDims, init_parallel_state
 from ..parallel import comm, cpu_comm
 from .config import TrainConfig, load_ds_config, resolve_batch_sizes
 from .engine import build_engine, compute_dtype, zero_stage
+from .recompute import resolve_activation_checkpointing
 from . import checkpointing, recipe
 from .guard import EXIT_NONFINITE, NonFiniteAbort, NonFiniteGuard
 from .launch_env import ensure_launch_env
@@ -79,7 +80,12 @@ class Trainer:
         self.precision_note = resolve_precision(cfg.precision, self.ds_config, resume_dir=cfg.resume and cfg.output_dir)
 
         self.state = init_parallel_state(cfg.tensor_parallel, cfg.sequence_parallel, cfg.collective_timeout_s)
-        self.engine, self.spec = build_engine(cfg, self.model_cfg, self.ds_config, self.state)
+        self.checkpointing = resolve_activation_checkpointing(  # the planner's policy (train/recompute.py)
+            cfg, self.model_cfg, self.ds_config, self.state, get_accelerator().device_name())
+        if self.is_main:
+            print(f"[rils_scale] {self.checkpointing.line()}", flush=True)
+        self.engine, self.spec = build_engine(cfg, self.model_cfg, self.ds_config, self.state,
+                                              self.checkpointing.fraction)
         self.device = self.engine.device
         self.dtype = compute_dtype(self.ds_config)
         self.micro_batch = self.engine.train_micro_batch_size_per_gpu()
@@ -149,7 +155,7 @@ class Trainer:
         try:
             from .flops import rils_step_flops
             return rils_step_flops(self.model_cfg, self.micro_batch, self.micro_batch * self.state.dp_size,
-                                   activation_checkpointing=self.cfg.activation_checkpointing,
+                                   activation_checkpointing=self.checkpointing.fraction,
                                    tensor_parallel=self.state.tp_size, recon_rows_fraction=recon_rows_fraction,
                                    prototype_grad=self.cfg.prototype_grad)
         except Exception as exc:  # MFU is a report, never a reason to stop training
@@ -177,6 +183,7 @@ class Trainer:
             "train": self.cfg.to_dict(), "model": self.model_cfg.to_dict(), "deepspeed": self.ds_config,
             "parallel": {"world_size": self.world, "tensor_parallel": self.state.tp_size,
                          "data_parallel": self.state.dp_size, "sequence_parallel": self.cfg.sequence_parallel,
+                         "activation_checkpointing": {k: getattr(self.checkpointing, k) for k in ("policy", "fraction")},
                          "zero_stage": zero_stage(self.ds_config)},
             "global_batch_size": self.global_batch, "tokenizer": "tokenizer.model",
             "tokenizer_sha256": self.tokenizer_sha256, "skip_batches": [list(w) for w in self.skip_windows],

@@ -27,6 +27,7 @@ from __future__ import annotations
 from typing import Dict
 
 from ..models.config import RILSConfig
+from ..models.transformer import checkpointed_blocks
 from .flop_terms import (_block_params, _patch_embed_flops, block_attention_flops, block_flops,
                          context_projection_flops, cross_attention_flops, masked_patches, visible_tokens)
 
@@ -34,7 +35,7 @@ COMPONENTS = ("masked_encoder", "unmasked_encoder", "decoder", "text", "fusion",
               "momentum_fusion", "projections", "contrastive", "codes")
 
 
-def semmim_step_flops(cfg: RILSConfig, micro_batch: int, global_batch: int, *, activation_checkpointing: bool = False,
+def semmim_step_flops(cfg: RILSConfig, micro_batch: int, global_batch: int, *, activation_checkpointing: float = 0.0,
                       tensor_parallel: int = 1, text_guided_masking: bool = True) -> Dict[str, float]:
     """Per-component forward FLOPs (unsharded, one micro-batch), ``forward`` / ``backward`` /
     ``recompute`` / ``codes_recompute`` sums, and per rank ``total`` (model FLOPs, MFU numerator)
@@ -88,7 +89,12 @@ def semmim_step_flops(cfg: RILSConfig, micro_batch: int, global_batch: int, *, a
 
     online_sharded = sum(v_ for c, v_ in blocks.items() if c not in no_backward)
     momentum_sharded = sum(blocks[c] for c in no_backward)
-    recompute = online_sharded if activation_checkpointing else 0
+    # Checkpointed online blocks are recomputed up to fc2, as in flops.py (the momentum branch runs
+    # without gradient: nothing to recompute); ``activation_checkpointing`` is the policy's fraction.
+    stacks = [(v.depth, s_vis, d, f), (v.depth, s_all, d, f), (v.decoder_depth, s_all, d, f),
+              (t.depth, ctx, t.width, t.mlp_hidden)] + ([(1, n, d, f)] if cfg.semmim.target_text_injection else [])
+    recompute = sum(b * checkpointed_blocks(depth, float(activation_checkpointing)) * (block_flops(s, w, h) - 2 * s * h * w)
+                    for depth, s, w, h in stacks)
     codes_recompute = 3 * gemm  # forward: the teacher's second pass; backward: both logit tiles
     sharded_total = 3 * online_sharded + momentum_sharded \
         - (v.decoder_depth * detached_context if cfg.decoder_text_conditioning else 0) \

@@ -122,7 +122,7 @@ def _compile_worker(rank, world, root):
     out["dp2_compiled"], most = _engine_run(dp2, True, range(1, 4))
     with open(os.path.join(root, f"rank{rank}.json"), "w") as f:
         json.dump({"losses": out, "graph_break": breaks | more | most}, f)
-    from rils_scale.parallel.comm import release_cpu_shm_buffer
+    from rils_scale.parallel.cpu_comm import release_cpu_shm_buffer
     release_cpu_shm_buffer()
 
 

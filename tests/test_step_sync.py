@@ -113,7 +113,7 @@ def _sync_worker(rank, world, data, out_dir):
         del trainer
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(results, f)
-    from rils_scale.parallel.comm import release_cpu_shm_buffer
+    from rils_scale.parallel.cpu_comm import release_cpu_shm_buffer
     release_cpu_shm_buffer()  # DeepSpeed's CPU all-reduce buffer (66 MB per rank) is never unlinked
 
 

@@ -111,3 +111,34 @@ def test_selfcheck_subprocess_command_on_cpu():
     assert ok, reason
     ok, reason = selfcheck_in_subprocess("no_such_backend", "cpu", timeout_s=300, quick=True)
     assert not ok and "exited" in reason and "no_such_backend" in reason
+
+
+def _agree_worker(rank, world_size, case):
+    import torch.distributed as dist
+    from rils_scale.objectives import reconstruction
+    from rils_scale.ops import kl_select as sel
+    sel.clear()
+    sel.select_backend = lambda *a, **k: ("streaming_chunked", "streaming")[rank]  # the ranks disagree
+    if case == "unusable_on_rank1":
+        sel.backend_ok = lambda backend, device: (not (rank == 1 and backend == "streaming_chunked"), "")
+    used, kl = [], reconstruction.patch_sentence_kl
+    reconstruction.patch_sentence_kl = lambda *a, backend, **k: (used.append(backend), kl(*a, backend=backend, **k))[1]
+    g = torch.Generator().manual_seed(rank)
+    b, n, e = 3, 8, 16
+    student = F.normalize(torch.randn(b, n, e, generator=g), dim=-1).requires_grad_()
+    teacher = F.normalize(torch.randn(b, n, e, generator=g), dim=-1)
+    protos = F.normalize(torch.randn(6, e, generator=g), dim=-1)
+    mask = (torch.arange(n) % 2).float().expand(b, n)
+    loss_fn = reconstruction.PatchSentenceReconstructionLoss(dp_group=dist.group.WORLD)
+    for _ in range(2):
+        loss_fn(student, teacher, mask, torch.ones(b, dtype=torch.bool), protos).loss.backward()
+    expected = "streaming_chunked" if case == "usable" else "streaming"
+    assert used == [expected, expected], (rank, used)
+
+
+@pytest.mark.parametrize("case", ["usable", "unusable_on_rank1"])
+def test_auto_is_one_backend_for_every_rank(case):
+    """``auto`` under DP: every rank uses global rank 0's choice (decided once), or ``streaming``
+    when that choice did not pass the self-check on some rank."""
+    from distributed_utils import spawn
+    spawn(_agree_worker, 2, case)

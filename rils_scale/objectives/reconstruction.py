@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from ..ops import patch_sentence_kl
-from ..parallel.comm import all_reduce_no_grad
+from ..parallel.comm import agree_on_choice, all_reduce_no_grad
 from ..parallel.mappings import (_size, copy_to_tensor_parallel_region,
                                  reduce_from_tensor_parallel_region, scatter_to_tensor_parallel_region)
 from .rows import candidate_rows
@@ -49,6 +49,7 @@ class PatchSentenceReconstructionLoss(torch.nn.Module):
         self.student_temp, self.teacher_temp = student_temp, teacher_temp
         self.prototype_grad, self.backend = prototype_grad, backend
         self.dp_group, self.tp_group = dp_group, tp_group
+        self._agreed = {}  # shape class -> the KL backend every rank uses for ``auto``
 
     def forward(self, student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor,
                 keep: torch.Tensor, prototypes: torch.Tensor,
@@ -79,8 +80,29 @@ class PatchSentenceReconstructionLoss(torch.nn.Module):
                 protos = copy_to_tensor_parallel_region(protos, self.tp_group)
 
         kl = patch_sentence_kl(s_rows, t_rows, protos, student_temp=self.student_temp,
-                               teacher_temp=self.teacher_temp, backend=self.backend)
+                               teacher_temp=self.teacher_temp, backend=self._backend(s_rows, t_rows, protos))
         # where, not a product: a row that does not count must not bring a NaN/inf into the sum
         total = reduce_from_tensor_parallel_region(torch.where(counted, kl, 0).sum(), self.tp_group)
         loss, global_rows = global_mean(total, rows, self.dp_group)
         return ReconstructionOutput(loss, rows, global_rows)
+
+    def _backend(self, s_rows: torch.Tensor, t_rows: torch.Tensor, protos: torch.Tensor) -> str:
+        """``auto`` is decided once per shape class for all ranks: global rank 0's measured choice,
+        if it passed the self-check everywhere (else ``streaming``). Ranks that chose on their own
+        (timing noise, node-local caches) would round differently rank by rank and run by run.
+        The first step of a shape class pays two small collectives; the row count is static, so a
+        run has one class."""
+        if self.backend != "auto" or (_size(self.dp_group) == 1 and _size(self.tp_group) == 1) \
+                or s_rows.shape[0] == 0:
+            return self.backend
+        grad = torch.is_grad_enabled()
+        need_s, need_t = grad and s_rows.requires_grad, grad and protos.requires_grad
+        key = (tuple(s_rows.shape), tuple(protos.shape), s_rows.dtype, s_rows.device.type, need_s, need_t)
+        if key not in self._agreed:
+            from ..ops import BACKENDS
+            from ..ops.kl_select import backend_ok, candidates, select_backend
+            local = select_backend(s_rows, t_rows, protos, student_temp=self.student_temp,
+                                   teacher_temp=self.teacher_temp, need_s=need_s, need_t=need_t)
+            usable = [b for b in candidates(s_rows.device, s_rows.dtype) if backend_ok(b, s_rows.device)[0]]
+            self._agreed[key] = agree_on_choice(local, usable, BACKENDS, "streaming")
+        return self._agreed[key]

@@ -125,6 +125,19 @@ def broadcast_values(values: Sequence[float], src: int = 0, group: Optional[dist
     return buf.cpu().tolist()
 
 
+def agree_on_choice(choice: str, usable: Sequence[str], options: Sequence[str], fallback: str,
+                    group: Optional[dist.ProcessGroup] = None) -> str:
+    """One of ``options`` for every rank of ``group`` (default: the world): global rank 0's
+    ``choice`` when every rank lists it in ``usable``, else ``fallback``. Two small collectives
+    (a broadcast and a MIN all-reduce); for a one-time decision, not for a training step."""
+    group = world_group() if group is None else group
+    if group_size(group) == 1:
+        return choice
+    index = int(broadcast_values([list(options).index(choice)], 0, group)[0])
+    usable_everywhere = all_reduce_values([float(o in usable) for o in options], group, "min")
+    return options[index] if usable_everywhere[index] >= 1 else fallback
+
+
 def all_gather_tensor_list(x: torch.Tensor, group: Optional[dist.ProcessGroup]) -> List[torch.Tensor]:
     """Every rank's copy of ``x`` (same shape and dtype on all ranks), on ``x``'s device."""
     n = group_size(group)

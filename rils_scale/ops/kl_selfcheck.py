@@ -38,7 +38,7 @@ def selfcheck_cases(device: torch.device, quick: bool = False) -> list[dict]:
     return [dict(P=77, M=133, D=72, scale=1.0, normalise=True),
             dict(P=301, M=777, D=128, scale=1.0, normalise=True),
             dict(P=129, M=1031, D=768, scale=1.0, normalise=True),
-            dict(P=17_000, M=300, D=128, scale=1.0, normalise=True),        # > 2 waves of 64-row blocks
+            dict(P=17_000, M=300, D=128, scale=1.0, normalise=True),        # 133 row blocks of 128: just over one wave of 132 SMs
             dict(P=200, M=513, D=128, scale=4.0, normalise=False)]          # peaked teacher
 
 

@@ -143,7 +143,7 @@ def train_and_evaluate(args, variant: str, seed: int, data: str, tokenizer: str)
     torch.set_grad_enabled(False)
     model = load_model(run_dir)
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        last = [json.loads(line) for line in f if line.strip()][-1]
+        last = [r for r in map(json.loads, filter(str.strip, f)) if "event" not in r][-1]  # no event rows
     out = {"variant": variant, "seed": seed, "steps": last["step"], "train_seconds": round(train_s, 1),
            **_evaluate(args, model, data), "final_clip_loss": last["clip_loss"], "final_recon_loss": last["recon_loss"]}
     for key in ("code_ppl_patch", "code_ppl_global", "code_row_ppl_patch", "agreement_loss"):

@@ -113,7 +113,7 @@ def main(argv=None) -> int:
     with open(results_path) as f:
         results = json.load(f)  # launchers/evaluate.py's JSON (docs/evaluation.md)
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        metrics = [json.loads(line) for line in f if line.strip()]
+        metrics = [r for r in map(json.loads, filter(str.strip, f)) if "event" not in r]  # step rows only
     tasks = results["tasks"]
     zs = tasks["zero_shot"]
     summary = {

@@ -1,7 +1,7 @@
 """One RILS training step, timed: attention backend x reconstruction-loss backend x model.
 
     # on a GPU, the trainer's configuration (bf16 weights + fp32 master AdamW, G = 32,768
-    # prototypes, TF32 off, TP = 1, activation checkpointing, B/16 + L/16 + H/14):
+    # prototypes, TF32 off, TP = 1, activation checkpointing auto, B/16 + L/16 + H/14):
     python benchmarks/bench_step.py --out runs/bench_step.json
     # CPU smoke test:
     python benchmarks/bench_step.py --model tiny --device cpu --steps 3
@@ -50,6 +50,7 @@ from rils_scale.models import ParallelSpec, build_model, get_config  # noqa: E40
 from rils_scale.models.attention import HAS_FLASH_ATTN  # noqa: E402
 from rils_scale.ops import patch_sentence_kl  # noqa: E402
 from rils_scale.train import hardware  # noqa: E402
+from rils_scale.train.capacity import CHECKPOINTING_POLICIES, GiB, PlanConfig, choose_activation_checkpointing  # noqa: E402
 from rils_scale.train.flops import masked_patches, rils_step_flops  # noqa: E402
 
 GPU_PROTOTYPES = 32768  # the trainer's G at a 32k global batch (DESIGN §8)
@@ -123,20 +124,35 @@ def _free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+def checkpointed_fraction(cfg, micro_batch: int, attn: str, kl: str, args, device: torch.device):
+    """``--activation-checkpointing`` as the trainer resolves it (train/recompute.py): the planner's
+    choice for one device of this memory, no ZeRO, TP 1; ``auto`` on a CPU is ``none``."""
+    if args.activation_checkpointing == "auto" and device.type != "cuda":
+        return "none", 0.0
+    pc = PlanConfig(model=cfg, gpus=1, tensor_parallel=1, gpus_per_node=1, zero_stage=0, micro_batch=micro_batch,
+                    precision="bf16" if args.weights == "bf16" else "fp32",
+                    attention="math" if attn == "math" else "flash",
+                    recon_backend="reference" if kl == "reference" else "streaming",
+                    gpu_memory_gb=hardware.device_memory_bytes(device) / GiB)
+    choice = choose_activation_checkpointing(pc, args.activation_checkpointing)
+    return choice.policy, choice.fraction
+
+
 def run_config(model_name: str, attn: str, kl: str, args, device: torch.device) -> dict:
     b = args.micro_batch or DEFAULT_MICRO_BATCH.get(model_name, 32)
     g = max(args.prototypes or b, b)
     row = {"model": model_name, "attention": attn, "kl": kl, "micro_batch": b, "prototypes": g,
-           "checkpointing": not args.no_checkpointing, "dtype": args.dtype, "weights": args.weights}
+           "dtype": args.dtype, "weights": args.weights}
     model = opt = None
     try:
         cfg = get_config(model_name)
-        flops = rils_step_flops(cfg, b, g, activation_checkpointing=not args.no_checkpointing,
-                                recon_backend=kl)
+        policy, fraction = checkpointed_fraction(cfg, b, attn, kl, args, device)
+        row.update(checkpointing=policy, checkpointed_fraction=fraction)
+        flops = rils_step_flops(cfg, b, g, activation_checkpointing=fraction, recon_backend=kl)
         row["model_tflop_per_step"] = flops["total"] / 1e12
         row["executed_tflop_per_step"] = flops["total_with_recompute"] / 1e12
         torch.manual_seed(0)
-        spec = ParallelSpec(activation_checkpointing=not args.no_checkpointing)
+        spec = ParallelSpec(activation_checkpointing=fraction)
         model = build_model(cfg, spec, attn_backend=attn).to(device)
         model.train()
         adamw = dict(lr=1e-4, weight_decay=0.05, fused=device.type == "cuda")
@@ -227,18 +243,19 @@ def _fmt(x, spec):
 
 
 def markdown_table(rows) -> str:
-    head = ("| model | attention | KL | B | G | step s | samples/s | TFLOP/s | MFU | executed TFLOP/s "
-            "| peak mem GiB |\n|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    head = ("| model | attention | KL | B | G | ckpt | step s | samples/s | TFLOP/s | MFU | executed TFLOP/s "
+            "| peak mem GiB |\n|---|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|")
     lines = [head]
     for r in rows:
         if r.get("status") != "ok":
             status = r.get("status", "?") + (f" ({r['error']})" if r.get("error") else "")
             lines.append(f"| {r['model']} | {r['attention']} | {r['kl']} | {r['micro_batch']} | {r['prototypes']} "
-                         f"| {status} | | | | | |")
+                         f"| {r.get('checkpointing', '')} | {status} | | | | | |")
             continue
         mfu = None if r["mfu"] is None else 100 * r["mfu"]
+        ckpt = r["checkpointing"] + (f" {r['checkpointed_fraction']:.2f}" if r["checkpointing"] == "selective" else "")
         lines.append(f"| {r['model']} | {r['attention']} | {r['kl']} | {r['micro_batch']} | {r['prototypes']} "
-                     f"| {r['step_s']:.4f} | {r['samples_per_s']:.1f} | {r['tflops']:.3f} | "
+                     f"| {ckpt} | {r['step_s']:.4f} | {r['samples_per_s']:.1f} | {r['tflops']:.3f} | "
                      f"{_fmt(mfu, '.1f')}{'%' if mfu is not None else ''} | {r['executed_tflops']:.3f} "
                      f"| {r['peak_mem_gb']:.2f} |")
     return "\n".join(lines)
@@ -270,7 +287,11 @@ def parse_args(argv=None):
     p.add_argument("--kl", default="fused,reference",
                    help="KL backends: fused (the CUDA extension if it loads, else streaming), streaming, "
                         "cuda, auto, reference")
-    p.add_argument("--no-checkpointing", action="store_true", help="store activations instead of recomputing")
+    p.add_argument("--activation-checkpointing", default="auto", choices=CHECKPOINTING_POLICIES,
+                   help="blocks recomputed in backward, as the trainer's option: auto (the planner's choice for "
+                        "this device's memory and micro-batch; none on CPU), none, selective, every")
+    p.add_argument("--no-checkpointing", dest="activation_checkpointing", action="store_const", const="none",
+                   help="same as --activation-checkpointing none")
     p.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: 3 on GPU, 1 on CPU)")
     p.add_argument("--threads", type=int, default=0, help="CPU intra-op threads (0: torch's default)")
@@ -333,9 +354,9 @@ def write_outputs(args, name: str, rows, tf32) -> str:
     summary = {"device": name, "peak_tflops": args.peak_tflops, "torch": torch.__version__,
                "dtype": args.dtype, "weights": args.weights, "tf32": tf32,
                "steps": args.steps, "warmup": args.warmup,
-               "checkpointing": not args.no_checkpointing, "rows": rows}
+               "checkpointing": args.activation_checkpointing, "rows": rows}
     text = (f"device: {name}, {args.dtype}, weights {args.weights}, tf32 {tf32}, checkpointing "
-            f"{'on' if not args.no_checkpointing else 'off'}, median of {args.steps} steps after {args.warmup} "
+            f"{args.activation_checkpointing} (per row: column ckpt), median of {args.steps} steps after {args.warmup} "
             f"warm-up\n\n{markdown_table(rows)}\n")
     for path, content in ((base + ".json", json.dumps(summary, indent=2, default=str)), (base + ".md", text)):
         with open(path + ".tmp", "w") as f:

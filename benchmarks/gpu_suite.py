@@ -16,8 +16,8 @@ Parts, ordered by value (a cut run still answers the main questions), each a sub
                  load); later parts use ``cuda`` only if this part built it;
 3. ``trainer``   the real entry point: ``deepspeed launchers/pretrain.py --ds_config
                  ds_configs/zero3.json --model vit_b16``, micro-batch (= G, the prototypes of one GPU)
-                 sized from the device's memory, KL backend named, activation checkpointing as
-                 bench_step (or the trainer's own ``auto`` policy), no checkpoint at the last step;
+                 sized from the device's memory, KL backend named, activation checkpointing
+                 ``auto`` (the trainer's default), no checkpoint at the last step;
 4. ``kl_speed``  the KL speed table at P = 37,632, M = 32,768, D = 512, bf16, backends named (no
                  self-check inside the timed budget);
 5. ``step``      ``bench_step.py`` B/16, G = 32,768, with the two fastest KL backends of ``kl_speed``;
@@ -36,7 +36,6 @@ Exit status: 0 only if every part run passed.
 from __future__ import annotations
 
 import argparse
-import ast
 import datetime
 import glob
 import json
@@ -71,6 +70,7 @@ KL_SPEED_BACKENDS = ("hybrid", "triton", "cuda", "streaming", "reference")  # mo
 STEP_KL_DEFAULT = ("streaming", "hybrid")        # when kl_speed ranked nothing
 TRAINER_STEPS, TRAINER_LOG_EVERY = 15, 5
 TRAINER_KL = "streaming"  # pure PyTorch bf16 GEMMs: the one backend that cannot fail to build or compile
+TRAINER_CHECKPOINTING = "auto"  # the trainer's default: the planner picks none/selective/every for the memory
 # Memory as torch reports it (GiB) of the two cards this suite is sized for (dry-run plans)
 DEVICES = {"H100 80GB": 79.2, "H200 141GB": 139.8}
 # trainer micro-batch (= G on one GPU) by device memory: the largest power of two <= 45 % of the
@@ -166,19 +166,6 @@ def trainer_workers(shm_free_bytes: Optional[int], micro: int, most: int = 8) ->
         return most
     batch = micro * 3 * 224 * 224
     return max(1, min(most, int(shm_free_bytes * 0.5 // (2 * batch))))
-
-
-def checkpointing_args() -> List[str]:
-    """Activation checkpointing as bench_step has it (on) while the trainer's option is a switch; the
-    trainer's own policy (``auto``) once it takes one. Read from TrainConfig's source: no import."""
-    with open(os.path.join(REPO, "rils_scale", "train", "config.py")) as f:
-        tree = ast.parse(f.read())
-    for node in ast.walk(tree):
-        if isinstance(node, ast.AnnAssign) and getattr(node.target, "id", "") == "activation_checkpointing":
-            if isinstance(node.annotation, ast.Name) and node.annotation.id == "bool":
-                return ["--activation-checkpointing"]
-            return ["--activation-checkpointing", "auto"]
-    return []
 
 
 # ----------------------------------------------------------------------------- part: env
@@ -288,7 +275,7 @@ def trainer_commands(ctx: Context):
          "--output-dir", run, "--max-steps", str(z["steps"]), "--log-every", str(z["log_every"]),
          "--warmup-steps", "2", "--save-every", "1000000", "--no-final-checkpoint",
          "--micro-batch-size", str(z["micro"]), "--num-workers", str(z["workers"]), "--resampled",
-         "--kl-backend", TRAINER_KL, *checkpointing_args()],
+         "--kl-backend", TRAINER_KL, "--activation-checkpointing", TRAINER_CHECKPOINTING],
     ]
 
 
@@ -305,7 +292,7 @@ def trainer_check(ctx: Context, result: dict) -> Optional[str]:
     steady = recs[1:] or recs  # the first window holds start-up (allocator, autotuning, loader fill)
     sps = sorted(r["samples_per_s"] for r in steady)
     result["summary"] = {"model": z["model"], "micro_batch": z["micro"], "prototypes": z["micro"],
-                         "kl_backend": TRAINER_KL, "checkpointing": " ".join(checkpointing_args()[1:]) or "on",
+                         "kl_backend": TRAINER_KL, "checkpointing": TRAINER_CHECKPOINTING,
                          "records": len(recs), "last_step": last.get("step"),
                          "samples_per_s_median": sps[len(sps) // 2], "mfu_last": last.get("mfu"),
                          "tflops_per_device_last": last.get("tflops_per_device"), "loss_last": last.get("loss")}

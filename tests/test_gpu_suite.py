@@ -100,13 +100,14 @@ def test_sizes_follow_the_device_and_the_planner(suite):
     assert suite.trainer_workers(8 * batch, 1024) == 2 and suite.trainer_workers(64 << 20, 1024) == 1
 
 
-def test_checkpointing_follows_the_trainer_option(suite, tmp_path, monkeypatch):
-    assert suite.checkpointing_args() == ["--activation-checkpointing"]  # a switch today: on, as bench_step
-    cfg = tmp_path / "rils_scale" / "train" / "config.py"
-    cfg.parent.mkdir(parents=True)
-    cfg.write_text("class TrainConfig:\n    activation_checkpointing: str = 'auto'\n")
-    monkeypatch.setattr(suite, "REPO", str(tmp_path))
-    assert suite.checkpointing_args() == ["--activation-checkpointing", "auto"]  # the trainer's own policy
+def test_trainer_part_arguments_parse_with_the_trainers_own_parser(suite, tmp_path):
+    from rils_scale.train.config import parse_args
+    for cpu in (True, False):
+        launch = suite.trainer_commands(_ctx(suite, tmp_path, cpu=cpu))[-1]
+        args = launch[launch.index("launchers/pretrain.py") + 1:]
+        cfg = parse_args(args)  # an option the trainer dropped or renamed fails here, not on the GPU
+        assert cfg.activation_checkpointing == "auto" and cfg.kl_backend == "streaming"
+        assert cfg.no_final_checkpoint
 
 
 def test_part_runner_imports_repo_and_honours_exit_codes(suite, tmp_path, monkeypatch):

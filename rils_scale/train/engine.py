@@ -14,7 +14,7 @@ from ..parallel.deepspeed_utils import (check_zero_tensor_parallel_setup, mark_z
                                         reduce_leaf_gradients_per_parameter, zero_init_context)
 from ..parallel.random import model_parallel_seed
 from .config import TrainConfig
-from .recompute import normalize_policy
+from .recompute import resolve_activation_checkpointing
 from .schedule import warmup_cosine
 
 log = logging.getLogger(__name__)
@@ -30,18 +30,15 @@ def build_engine(cfg: TrainConfig, model_cfg: RILSConfig, ds_config: dict, state
 
     ``checkpointing``: the fraction of every stack's blocks recomputed in backward (the trainer
     resolves ``--activation-checkpointing`` with the planner, train/recompute.py); ``None`` takes
-    an explicit ``none`` / ``every`` from ``cfg``. Returns ``(engine, model_spec)``.
+    ``cfg``'s policy through the same planner. Returns ``(engine, model_spec)``.
     """
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
     device_type = "cuda" if get_accelerator().device_name() == "cuda" else "cpu"
     model_parallel_seed(cfg.seed, state.tp_rank, state.tp_size, device_type)
-    if checkpointing is None:
-        policy = normalize_policy(cfg.activation_checkpointing)
-        if policy not in ("none", "every"):
-            raise ValueError(f"--activation-checkpointing {policy} needs the planner: pass the resolved fraction")
-        checkpointing = 1.0 if policy == "every" else 0.0
+    if checkpointing is None:  # the trainer's own rule (collective: every rank calls build_engine)
+        checkpointing = resolve_activation_checkpointing(cfg, model_cfg, ds_config, state, device_type).fraction
     spec = ParallelSpec(tp_group=state.tp_group if state.tp_size > 1 else None,
                         sequence_parallel=cfg.sequence_parallel, activation_checkpointing=checkpointing)
     mpu = DeepSpeedMPU(state)

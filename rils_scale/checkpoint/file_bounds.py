@@ -30,13 +30,17 @@ at most its stored tensor bytes (<= S; memory-mapped, not read, by the converter
 from __future__ import annotations
 
 import io
+import logging
 import os
+import pickle
 import pickletools
 import zipfile
 from dataclasses import dataclass
 from typing import Iterable, List, Set
 
 from .layout import CheckpointError
+
+log = logging.getLogger(__name__)
 
 MAX_LITERAL_BYTES = 1 << 20
 """Longest string / bytes literal (DeepSpeed's longest: parameter names, ~100 bytes)."""
@@ -218,3 +222,36 @@ def _tensors(obj) -> Iterable:
             stack.extend(item)
         elif hasattr(item, "__dict__") and not isinstance(item, type):
             stack.extend(vars(item).values())
+
+
+def _unreadable(path: str, err: BaseException) -> CheckpointError:
+    return CheckpointError(f"{path}: not a readable torch file ({str(err).splitlines()[0][:200] if str(err) else type(err).__name__})")
+
+
+def bounded_torch_load(path: str, safe_globals: list, *, map_location=None, mmap: bool = False,
+                       trusted: bool = False):
+    """``torch.load(weights_only=True)`` of a DeepSpeed file with ``safe_globals`` allowed, held to
+    the bounds checked before and after unpickling; a refused file is unpickled fully only if
+    ``trusted`` (``--trust-pickle``). The one reader behind ``load_ds_file`` and ``safe_torch_load``."""
+    import torch
+    try:
+        bounds = check_before_unpickling(path)
+        try:
+            with torch.serialization.safe_globals(safe_globals):
+                state = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+        except pickle.UnpicklingError as err:  # name the offending global, not torch's advice
+            lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+            first = next((ln for ln in lines if "global" in ln.lower()), lines[0] if lines else type(err).__name__)
+            raise refusal(path, first[:300]) from None
+        except Exception as err:  # a truncated or damaged archive
+            raise _unreadable(path, err) from None
+        check_after_unpickling(bounds, state)
+        return state
+    except UnsafeCheckpointError:
+        if not trusted:
+            raise
+    log.warning("%s: refused by the restricted reader; unpickling fully (--trust-pickle)", path)
+    try:
+        return torch.load(path, map_location=map_location, weights_only=False, mmap=mmap)
+    except Exception as err:  # noqa: BLE001 (--trust-pickle on a file that is no pickle at all)
+        raise _unreadable(path, err) from None

@@ -21,17 +21,10 @@ real DeepSpeed objects, because the engine goes on to use its loss scaler.
 """
 from __future__ import annotations
 
-import logging
-import pickle
 from typing import List
 
-import torch
-
-from .file_bounds import UnsafeCheckpointError, check_after_unpickling, check_before_unpickling, refusal
-
+from .file_bounds import UnsafeCheckpointError, bounded_torch_load
 from .layout import CheckpointError
-
-log = logging.getLogger(__name__)
 
 __all__ = ["CheckpointError", "UnsafeCheckpointError", "install_safe_checkpoint_engine", "safe_torch_load"]
 
@@ -52,27 +45,7 @@ def deepspeed_safe_globals() -> List:
 def safe_torch_load(path: str, map_location=None, trusted: bool = False):
     """``torch.load`` of a DeepSpeed file with the allowlist and the bounds of
     :mod:`.file_bounds`; full unpickling only if ``trusted``."""
-    try:
-        bounds = check_before_unpickling(path)
-        try:
-            with torch.serialization.safe_globals(deepspeed_safe_globals()):
-                state = torch.load(path, map_location=map_location, weights_only=True)
-        except pickle.UnpicklingError as err:
-            lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
-            first = next((ln for ln in lines if "global" in ln.lower()), lines[0] if lines else type(err).__name__)
-            raise refusal(path, first[:300]) from None
-        except Exception as err:  # a truncated or damaged archive
-            raise CheckpointError(f"{path}: not a readable torch file ({str(err).splitlines()[0][:200]})") from None
-        check_after_unpickling(bounds, state)
-        return state
-    except UnsafeCheckpointError:
-        if not trusted:
-            raise
-    log.warning("%s: refused by the restricted reader; unpickling fully (--trust-pickle)", path)
-    try:
-        return torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as err:  # noqa: BLE001 (--trust-pickle on a file that is no pickle at all)
-        raise CheckpointError(f"{path}: not a readable torch file ({str(err).splitlines()[0][:200]})") from None
+    return bounded_torch_load(path, deepspeed_safe_globals(), map_location=map_location, trusted=trusted)
 
 
 def _torch_engine_class():

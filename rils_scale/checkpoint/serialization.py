@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import struct
 from typing import Dict, Iterable, Mapping, Optional, Sequence, Tuple
 
@@ -77,25 +76,8 @@ def load_ds_file(path: str, *, mmap: bool = True, trusted: bool = False) -> dict
         UnsafeCheckpointError (a ``CheckpointError`` and ``RuntimeError``) naming the file and the
         reason it was refused; ``CheckpointError`` for a file that is not a readable torch file.
     """
-    from .file_bounds import UnsafeCheckpointError, check_after_unpickling, check_before_unpickling, refusal
-    try:
-        bounds = check_before_unpickling(path)
-        try:
-            with torch.serialization.safe_globals(_DEEPSPEED_GLOBALS):
-                state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-        except pickle.UnpicklingError as err:
-            raise refusal(path, str(err).splitlines()[0][:200]) from None
-        except Exception as err:  # a truncated or damaged archive
-            raise CheckpointError(f"{path}: not a readable torch file ({str(err).splitlines()[0][:200]})") from None
-        check_after_unpickling(bounds, state)
-        return state
-    except UnsafeCheckpointError:
-        if not trusted:
-            raise
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
-    except Exception as err:  # noqa: BLE001 (--trust-pickle on a file that is no pickle at all)
-        raise CheckpointError(f"{path}: not a readable torch file ({str(err).splitlines()[0][:200]})") from None
+    from .file_bounds import bounded_torch_load
+    return bounded_torch_load(path, _DEEPSPEED_GLOBALS, map_location="cpu", mmap=mmap, trusted=trusted)
 
 
 # ---------------------------------------------------------------------------------- writing

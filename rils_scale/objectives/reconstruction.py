@@ -19,7 +19,7 @@ import torch.distributed as dist
 from ..ops import patch_sentence_kl
 from ..parallel.comm import agree_on_choice, all_reduce_no_grad
 from ..parallel.mappings import (_size, copy_to_tensor_parallel_region,
-                                 reduce_from_tensor_parallel_region, scatter_to_tensor_parallel_region)
+                                 reduce_from_tensor_parallel_region, scatter_rows_to_tensor_parallel_region)
 from .rows import candidate_rows
 
 
@@ -67,15 +67,8 @@ class PatchSentenceReconstructionLoss(torch.nn.Module):
         protos = prototypes if self.prototype_grad else prototypes.detach()
 
         tp = _size(self.tp_group)
-        if tp > 1:  # split rows over TP peers (padding rows carry weight 0)
-            pad = (-idx.numel()) % tp  # static: the row count does not depend on the data
-            if pad:
-                s_rows = torch.cat([s_rows, s_rows.new_zeros(pad, e)])
-                t_rows = torch.cat([t_rows, t_rows.new_zeros(pad, e)])
-                counted = torch.cat([counted, counted.new_zeros(pad)])
-            s_rows = scatter_to_tensor_parallel_region(s_rows, self.tp_group, dim=0)
-            t_rows = scatter_to_tensor_parallel_region(t_rows, self.tp_group, dim=0)
-            counted = scatter_to_tensor_parallel_region(counted, self.tp_group, dim=0)
+        if tp > 1:  # split rows over TP peers (padding rows do not count)
+            s_rows, t_rows, counted = scatter_rows_to_tensor_parallel_region((s_rows, t_rows, counted), self.tp_group)
             if self.prototype_grad:
                 protos = copy_to_tensor_parallel_region(protos, self.tp_group)
 

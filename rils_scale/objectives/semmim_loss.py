@@ -40,7 +40,7 @@ import torch.distributed as dist
 from ..ops.code_cross_entropy import code_cross_entropy
 from ..parallel.comm import all_reduce_no_grad
 from ..parallel.mappings import (_size, copy_to_tensor_parallel_region, reduce_from_tensor_parallel_region,
-                                 scatter_to_tensor_parallel_region)
+                                 scatter_rows_to_tensor_parallel_region)
 from .contrastive import ContrastiveLoss
 
 
@@ -87,15 +87,9 @@ class SemMIMLoss(torch.nn.Module):
         weights = torch.ones(rows, device=student.device, dtype=torch.float32)
         tp = _size(self.tp_group)
         with torch.set_grad_enabled(torch.is_grad_enabled() and weight != 0):
-            if tp > 1:
-                pad = (-rows) % tp
-                if pad:
-                    student = torch.cat([student, student.new_zeros(pad, e)])
-                    teacher = torch.cat([teacher, teacher.new_zeros(pad, e)])
-                    weights = torch.cat([weights, weights.new_zeros(pad)])
-                student = scatter_to_tensor_parallel_region(student, self.tp_group, dim=0)
-                teacher = scatter_to_tensor_parallel_region(teacher, self.tp_group, dim=0)
-                weights = scatter_to_tensor_parallel_region(weights, self.tp_group, dim=0)
+            if tp > 1:  # padding rows carry weight 0
+                student, teacher, weights = scatter_rows_to_tensor_parallel_region((student, teacher, weights),
+                                                                                   self.tp_group)
                 student_codes = copy_to_tensor_parallel_region(student_codes, self.tp_group)
             ce, usage, entropy = code_cross_entropy(student, teacher, student_codes, teacher_codes.detach(), center,
                                                     student_temp=self.cfg.student_temp,

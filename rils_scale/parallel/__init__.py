@@ -5,7 +5,8 @@ from .state import (DeepSpeedMPU, ParallelDims, ParallelState, current_state,
 from .mappings import (all_gather_batch, all_reduce_no_grad, copy_to_tensor_parallel_region,
                        gather_from_sequence_parallel_region, gather_from_tensor_parallel_region,
                        reduce_from_tensor_parallel_region, reduce_scatter_to_sequence_parallel_region,
-                       scatter_to_sequence_parallel_region, scatter_to_tensor_parallel_region)
+                       scatter_rows_to_tensor_parallel_region, scatter_to_sequence_parallel_region,
+                       scatter_to_tensor_parallel_region)
 from .layers import (ColumnParallelLinear, RowParallelLinear, SequenceParallelLayerNorm,
                      VocabParallelEmbedding, is_tensor_parallel_shard, sharded_parameter)
 from .random import checkpoint, get_rng_tracker, model_parallel_seed

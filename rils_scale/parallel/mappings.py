@@ -182,6 +182,22 @@ def scatter_to_tensor_parallel_region(x: torch.Tensor, group, dim: int = -1) -> 
     return _ScatterToRegion.apply(x, dim, group)
 
 
+def scatter_rows_to_tensor_parallel_region(tensors, group):
+    """Split rows (dim 0) of equally long tensors over the TP ranks, each rank keeping its share
+    of every tensor; rows are zero-padded to a multiple of the TP size first (callers weight the
+    padding 0). Backward: all-gather. The row count is static, so the padding is too."""
+    tp = _size(group)
+    if tp == 1:
+        return list(tensors)
+    out = []
+    for t in tensors:
+        pad = (-t.shape[0]) % tp
+        if pad:
+            t = torch.cat([t, t.new_zeros(pad, *t.shape[1:])])
+        out.append(_ScatterToRegion.apply(t, 0, group))
+    return out
+
+
 def gather_from_tensor_parallel_region(x: torch.Tensor, group, dim: int = -1) -> torch.Tensor:
     """Forward: all-gather chunks along ``dim``. Backward: keep this rank's chunk."""
     if _size(group) == 1:

@@ -253,7 +253,9 @@ def markdown_table(rows) -> str:
                          f"| {r.get('checkpointing', '')} | {status} | | | | | |")
             continue
         mfu = None if r["mfu"] is None else 100 * r["mfu"]
-        ckpt = r["checkpointing"] + (f" {r['checkpointed_fraction']:.2f}" if r["checkpointing"] == "selective" else "")
+        ckpt = r.get("checkpointing", "?")
+        if ckpt == "selective":
+            ckpt += f" {r['checkpointed_fraction']:.2f}"
         lines.append(f"| {r['model']} | {r['attention']} | {r['kl']} | {r['micro_batch']} | {r['prototypes']} "
                      f"| {ckpt} | {r['step_s']:.4f} | {r['samples_per_s']:.1f} | {r['tflops']:.3f} | "
                      f"{_fmt(mfu, '.1f')}{'%' if mfu is not None else ''} | {r['executed_tflops']:.3f} "

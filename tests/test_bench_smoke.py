@@ -85,7 +85,7 @@ def test_bench_step_trainer_precision_on_cpu(tmp_path):
     """--weights bf16 (DeepSpeed's layout) runs and is recorded; TF32 untouched by default."""
     cmd = [sys.executable, "benchmarks/bench_step.py", "--model", "tiny", "--device", "cpu", "--dtype", "bf16",
            "--steps", "1", "--warmup", "1", "--threads", "1", "--attn", "sdpa", "--kl", "streaming",
-           "--prototypes", "24", "--out", str(tmp_path / "b.json")]
+           "--prototypes", "24", "--activation-checkpointing", "every", "--out", str(tmp_path / "b.json")]
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     summary = json.loads((tmp_path / "b.json").read_text())
@@ -93,8 +93,32 @@ def test_bench_step_trainer_precision_on_cpu(tmp_path):
     (row,) = summary["rows"]
     assert row["status"] == "ok", row
     assert row["prototypes"] == 24 and row["weights"] == "bf16"
+    assert row["checkpointing"] == "every" and row["checkpointed_fraction"] == 1.0
     # executed FLOPs include activation-checkpointing and KL recompute
     assert row["executed_tflop_per_step"] > row["model_tflop_per_step"] > 0
+
+
+def test_bench_step_checkpointing_is_the_trainers_planner_choice(monkeypatch):
+    """``auto`` resolves as the trainer's option does: the planner's pick for the device memory."""
+    import torch
+    from rils_scale.models import get_config
+    from rils_scale.train import hardware
+    from rils_scale.train.capacity import PlanConfig, choose_activation_checkpointing
+    bench = _bench_step_module()
+    cfg, cuda = get_config("vit_b16"), torch.device("cuda")
+    monkeypatch.setattr(hardware, "device_memory_bytes", lambda device=None: 80 * 2**30)
+    args = bench.parse_args(["--device", "cpu", "--dtype", "bf16"])
+    assert bench.checkpointed_fraction(cfg, 8, "sdpa", "streaming", args, torch.device("cpu")) == ("none", 0.0)
+    for micro in (256, 1024, 4096):
+        plan = PlanConfig(model=cfg, gpus=1, tensor_parallel=1, gpus_per_node=1, zero_stage=0, micro_batch=micro,
+                          gpu_memory_gb=80.0)
+        expected = choose_activation_checkpointing(plan, "auto")
+        assert bench.checkpointed_fraction(cfg, micro, "flash", "streaming", args, cuda) == \
+            (expected.policy, expected.fraction)
+    assert bench.checkpointed_fraction(cfg, 256, "flash", "streaming", args, cuda)[0] == "none"
+    assert bench.checkpointed_fraction(cfg, 4096, "flash", "streaming", args, cuda)[0] in ("selective", "every")
+    args = bench.parse_args(["--device", "cpu", "--no-checkpointing"])
+    assert args.activation_checkpointing == "none"
 
 
 def _fake_outputs(b=4, n=10, e=16, n_masked=6, seed=0):
@@ -155,8 +179,8 @@ def test_bench_step_writes_each_row_when_it_exists(tmp_path):
         if len(calls) == 2:
             raise KeyboardInterrupt  # killed mid-configuration
         return {"model": model, "attention": attn, "kl": kl, "micro_batch": 8, "prototypes": 8, "status": "ok",
-                "step_s": 0.5, "samples_per_s": 16.0, "tflops": 1.5, "mfu": None, "executed_tflops": 2.0,
-                "peak_mem_gb": 0.25}
+                "checkpointing": "none", "step_s": 0.5, "samples_per_s": 16.0, "tflops": 1.5, "mfu": None,
+                "executed_tflops": 2.0, "peak_mem_gb": 0.25}
 
     bench.run_config = run_config
     rows, out = tmp_path / "rows.jsonl", tmp_path / "b.json"
@@ -166,4 +190,4 @@ def test_bench_step_writes_each_row_when_it_exists(tmp_path):
     (line,) = rows.read_text().splitlines()
     assert json.loads(line)["kl"] == "streaming" and json.loads(line)["samples_per_s"] == 16.0
     assert [r["kl"] for r in json.loads(out.read_text())["rows"]] == ["streaming"]
-    assert "| tiny | sdpa | streaming | 8 | 8 | 0.5000 | 16.0 |" in (tmp_path / "b.md").read_text()
+    assert "| tiny | sdpa | streaming | 8 | 8 | none | 0.5000 | 16.0 |" in (tmp_path / "b.md").read_text()

@@ -63,3 +63,19 @@ def spawn(fn, world_size: int, *args) -> None:
     port = find_free_port()
     mp.start_processes(_entry, args=(fn, world_size, port, args), nprocs=world_size, join=True,
                        start_method="spawn")
+
+
+def zero3_fp32_config(micro_batch: int) -> dict:
+    """A DeepSpeed ZeRO-3 config in fp32 (exact comparisons on CPU ranks): AdamW, clipping 1.0,
+    no overlap, every parameter partitioned (persistence threshold 0)."""
+    return {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": 1.0,
+        "steps_per_print": 1000000,
+        "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "betas": [0.9, 0.98], "eps": 1e-8,
+                                                  "weight_decay": 0.05, "torch_adam": True}},
+        "zero_optimization": {"stage": 3, "overlap_comm": False, "contiguous_gradients": True,
+                              "reduce_bucket_size": 10000000, "stage3_prefetch_bucket_size": 10000000,
+                              "stage3_param_persistence_threshold": 0},
+    }

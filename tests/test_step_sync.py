@@ -17,21 +17,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from distributed_utils import spawn
+from distributed_utils import spawn, zero3_fp32_config
 from sync_spy import STEP_SITES, SyncSpy
 
 REPO = Path(__file__).resolve().parents[1]
-ZERO3_FP32 = {
-    "train_micro_batch_size_per_gpu": 4,
-    "gradient_accumulation_steps": 1,
-    "gradient_clipping": 1.0,
-    "steps_per_print": 1000000,
-    "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "betas": [0.9, 0.98], "eps": 1e-8,
-                                              "weight_decay": 0.05, "torch_adam": True}},
-    "zero_optimization": {"stage": 3, "overlap_comm": False, "contiguous_gradients": True,
-                          "reduce_bucket_size": 10000000, "stage3_prefetch_bucket_size": 10000000,
-                          "stage3_param_persistence_threshold": 0},
-}
+ZERO3_FP32 = zero3_fp32_config(micro_batch=4)
 
 
 def test_spy_catches_host_reads():

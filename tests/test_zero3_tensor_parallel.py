@@ -23,21 +23,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from distributed_utils import find_free_port, spawn
+from distributed_utils import find_free_port, spawn, zero3_fp32_config
 
 ROOT = Path(__file__).resolve().parents[1]
 BATCH = 2
-FP32_ZERO3 = {
-    "train_micro_batch_size_per_gpu": BATCH,
-    "gradient_accumulation_steps": 1,
-    "gradient_clipping": 1.0,
-    "steps_per_print": 1000000,
-    "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "betas": [0.9, 0.98], "eps": 1e-8,
-                                              "weight_decay": 0.05, "torch_adam": True}},
-    "zero_optimization": {"stage": 3, "overlap_comm": False, "contiguous_gradients": True,
-                          "reduce_bucket_size": 10000000, "stage3_prefetch_bucket_size": 10000000,
-                          "stage3_param_persistence_threshold": 0},
-}
+FP32_ZERO3 = zero3_fp32_config(micro_batch=BATCH)
 
 pytest.importorskip("deepspeed")
 

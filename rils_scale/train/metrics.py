@@ -8,6 +8,8 @@ import sys
 import time
 from typing import Dict, Optional
 
+from ..checkpoint.integrity import fsync_path
+
 
 def _fmt_duration(seconds: float) -> str:
     if not math.isfinite(seconds):
@@ -20,14 +22,6 @@ def _fmt_duration(seconds: float) -> str:
 
 METRICS = "metrics.jsonl"
 DISCARDED = "metrics.discarded.jsonl"
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def trim_metrics(output_dir: str, step: int) -> int:
@@ -70,7 +64,7 @@ def trim_metrics(output_dir: str, step: int) -> int:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(output_dir)
+    fsync_path(output_dir)
     return len(dropped)
 
 
